@@ -1,0 +1,297 @@
+"""The math of Risk-aware Stepwise Alignment (RSA, arXiv 2512.24263) and Ra-DPO (arXiv 2505.20359).
+
+Read next to the papers and `shared/spec/math.md`; section numbers below refer to that page.
+
+    Sec. 2  risk measures on a discrete distribution  expectation, cvar, erm, cvar_radpo, risk_measure
+    Sec. 3  nested risk on a token tree               nested_q_values, augmented_q_values
+    Sec. 4  sequential risk ratio (per response)      sequential_kl, sequential_risk_ratio, sequence_terms
+    Sec. 5  preference losses                         preference_loss
+
+Conventions: larger `values` are worse (a loss or cost); distributions lie along the last dimension and every
+function broadcasts over the leading ones; per-sequence quantities are sums over response tokens, never means.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+MEASURES = ("expectation", "cvar", "erm", "cvar_radpo")
+VARIANTS = ("dpo", "ra_dpo1", "ra_dpo2")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sec. 2: risk measures on a discrete distribution
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _probs(probs, log_probs):
+    """Exactly one of probs / log_probs; returns probabilities (exp of log_probs where those were given)."""
+    if (probs is None) == (log_probs is None):
+        raise ValueError("pass exactly one of probs= or log_probs=")
+    return probs if probs is not None else log_probs.exp()
+
+
+def expectation(values, probs=None, *, log_probs=None):
+    """E_p[v] = sum_z p(z) v(z) over the last dimension."""
+    p = _probs(probs, log_probs)
+    # where p == 0, v may be +-inf: such atoms carry no mass, so they contribute exactly 0
+    return torch.where(p > 0, p * values, torch.zeros_like(values)).sum(-1)
+
+
+def _check_level(level, name="level"):
+    if level is None or not (0.0 < float(level) <= 1.0):
+        raise ValueError(f"CVaR {name} must be in (0, 1] (the tail mass kept; 1 is the expectation), got {level!r}")
+
+
+def cvar(values, probs=None, level=None, *, log_probs=None):
+    """CVaR at `level` in (0, 1]: the mean of v over the worst (largest) `level` of probability mass [choice].
+
+    Sort v descending and take mass until `level` is used up; the boundary atom contributes fractionally.
+    level = 1 is exactly the expectation. Check: v = [1, 2, 5, 10], p uniform, level 0.5 -> 7.5.
+    The weights come from a sort without gradient; the value is sum_z w(z) v(z), so the gradient w.r.t. v is w.
+    """
+    _check_level(level)
+    p = _probs(probs, log_probs)
+    if float(level) == 1.0:
+        return expectation(values, p)
+    with torch.no_grad():
+        order = values.argsort(dim=-1, descending=True)
+        p_sorted = p.gather(-1, order)
+        mass_before = p_sorted.cumsum(-1) - p_sorted
+        # mass each atom contributes to the tail: all of it, the remainder at the boundary, then nothing
+        taken = (level - mass_before).clamp(min=0.0)
+        w_sorted = torch.minimum(p_sorted, taken)
+        w = torch.empty_like(w_sorted).scatter_(-1, order, w_sorted) / level
+    return expectation(values, w)
+
+
+def erm(values, probs=None, mu=None, *, log_probs=None):
+    """Entropic risk (1/mu) log E_p[exp(mu v)], mu > 0, as (1/mu) logsumexp(log p + mu v).
+
+    Pass log_probs= where p may underflow (Sec. 4): exp(log p) is 0 below about -103 in fp32 while mu * v can be
+    huge there, so going through probabilities would silently drop the dominant terms.
+    """
+    if mu is None or not float(mu) > 0.0:
+        raise ValueError(f"ERM mu must be > 0 (mu -> 0 is the expectation), got {mu!r}")
+    if log_probs is None:
+        if probs is None:
+            raise ValueError("pass exactly one of probs= or log_probs=")
+        log_probs = probs.log()  # log 0 = -inf: that atom drops out of the logsumexp, as it should
+    elif probs is not None:
+        raise ValueError("pass exactly one of probs= or log_probs=")
+    return torch.logsumexp(log_probs + mu * values, dim=-1) / mu
+
+
+def _linear_quantile(x, fraction):
+    """torch.quantile(x, fraction, dim=-1) (linear interpolation) by two O(V) selections instead of a sort."""
+    n = x.shape[-1]
+    pos = fraction * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    x_lo = x.kthvalue(lo + 1, dim=-1).values
+    if hi == lo or pos == lo:
+        return x_lo
+    x_hi = x.kthvalue(hi + 1, dim=-1).values
+    return torch.lerp(x_lo, x_hi, torch.tensor(pos - lo, dtype=x.dtype, device=x.device))
+
+
+def cvar_radpo(values, probs=None, level=None, *, log_probs=None, split_vocab=False):
+    """The Ra-DPO authors' code form of CVaR (Sec. 4), kept for parity with their published numbers.
+
+    threshold = the unweighted, linearly interpolated (1 - level) quantile of v over the entries of the last
+    dimension; result = sum_z p(z) v(z) [v(z) > threshold]; no 1/level. Not a coherent risk measure (not translation
+    equivariant, can fall below the expectation). `split_vocab=True` reproduces their `is_split_risk_ratio` quirk:
+    the two halves of the vocabulary get separate thresholds.
+    """
+    _check_level(level)
+    p = _probs(probs, log_probs)
+    if split_vocab:
+        mid = values.shape[-1] // 2
+        return cvar_radpo(values[..., :mid], p[..., :mid], level) + cvar_radpo(values[..., mid:], p[..., mid:], level)
+    with torch.no_grad():
+        threshold = _linear_quantile(values.detach(), 1.0 - float(level)).unsqueeze(-1)
+        tail = values > threshold
+    return expectation(values, p * tail)
+
+
+def risk_measure(values, probs=None, measure="expectation", level=None, *, log_probs=None, split_vocab=False):
+    """Dispatch to a risk measure by name: expectation (level ignored), cvar, erm (level is mu), cvar_radpo."""
+    if measure == "expectation":
+        return expectation(values, probs, log_probs=log_probs)
+    if measure == "cvar":
+        return cvar(values, probs, level, log_probs=log_probs)
+    if measure == "erm":
+        return erm(values, probs, level, log_probs=log_probs)
+    if measure == "cvar_radpo":
+        return cvar_radpo(values, probs, level, log_probs=log_probs, split_vocab=split_vocab)
+    raise ValueError(f"unknown risk measure {measure!r}; choose one of {', '.join(MEASURES)}")
+
+
+def check_measure(measure, level):
+    """Raise ValueError early (before any training) for an unknown measure or an out-of-range level."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown risk measure {measure!r}; choose one of {', '.join(MEASURES)}")
+    if measure in ("cvar", "cvar_radpo"):
+        _check_level(level, "risk_level")
+    elif measure == "erm" and (level is None or not float(level) > 0.0):
+        raise ValueError(f"ERM risk_level (mu) must be > 0, got {level!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sec. 3: nested risk on an explicit token tree
+# --------------------------------------------------------------------------------------------------------------
+#
+# A full tree of depth T over K tokens. State s_t is a prefix of t tokens; arrays are indexed by the tokens of the
+# path, so a per-(state, action) quantity at depth t has shape (K,) * (t + 1) and its last axis is the action:
+#   costs[t][a_0, ..., a_t]      = C(s_t, a_t)            per-token cost of taking a_t after prefix a_0..a_{t-1}
+#   policies[t][a_0, ..., a_t]   = pi(a_t | s_t)          sums to 1 over the last axis
+# Because the path to a state is unique, "the next state" is just one more index: Q at depth t + 1 reduced over its
+# last axis (the next action, drawn from pi(. | s_{t+1})) has exactly the shape of Q at depth t.
+
+
+def nested_q_values(costs, policies, measure="expectation", level=None):
+    """Nested Bellman recursion (RSA Eq. 4, Ra-DPO Eq. 5), risk applied at every step:
+
+        Q(s_T, a) = C(s_T, a);   Q(s_t, a) = C(s_t, a) + Phi_{a' ~ pi(.|s_{t+1})}[ Q(s_{t+1}, a') ].
+    Returns the list [Q_0, ..., Q_{T-1}].
+    """
+    q = [None] * len(costs)
+    q[-1] = costs[-1]
+    for t in range(len(costs) - 2, -1, -1):
+        q[t] = costs[t] + risk_measure(q[t + 1], policies[t + 1], measure, level)
+    return q
+
+
+def augmented_q_values(costs, policies, measure="expectation", level=None):
+    """Augmented values (Ra-DPO Eq. 6-7, Lemma 3.1; RSA Sec. IV-A): the accumulated cost travels in the state, and
+    all cost is paid at the leaf: Qaug(s_{T-1}, a) = C_{1:T}; Qaug(s_t, a) = Phi_{a'}[ Qaug(s_{t+1}, a') ].
+    By translation equivariance Qaug(s_t, a) = Q(s_t, a) + C_{1:t-1}(s_t).
+    """
+    total = costs[0]
+    for c in costs[1:]:
+        total = total.unsqueeze(-1) + c  # path cost so far, extended by one token
+    q = [None] * len(costs)
+    q[-1] = total
+    for t in range(len(costs) - 2, -1, -1):
+        q[t] = risk_measure(q[t + 1], policies[t + 1], measure, level)
+    return q
+
+
+def path_costs_before(costs):
+    """C_{1:t-1}(s_t) for every depth t, shaped like Q_t (the cost paid on the way to s_t, broadcast over a_t)."""
+    out = [torch.zeros_like(costs[0])]
+    running = torch.zeros(costs[0].shape[:-1], dtype=costs[0].dtype)
+    for t in range(1, len(costs)):
+        running = running.unsqueeze(-1) + costs[t - 1]
+        out.append(running.unsqueeze(-1).expand_as(costs[t]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sec. 4: sequential KL and sequential risk ratio
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _position_terms(policy_logits, reference_logits, measure, level, split_vocab=False):
+    """Per position: log pi_theta and log pi_ref over the vocabulary, the KL(pi_ref || pi_theta), and rho_t."""
+    logp = F.log_softmax(policy_logits.float(), dim=-1)
+    with torch.no_grad():  # no gradient through the reference
+        ref_logp = F.log_softmax(reference_logits.float(), dim=-1)
+    d = ref_logp - logp  # D_t(z) = log pi_ref(z|s_t) - log pi_theta(z|s_t)
+    kl = expectation(d, log_probs=ref_logp)
+    if measure is None:
+        return logp, ref_logp, kl, None
+    if measure == "expectation":
+        return logp, ref_logp, kl, kl
+    return logp, ref_logp, kl, risk_measure(d, measure=measure, level=level, log_probs=ref_logp,
+                                            split_vocab=split_vocab)
+
+
+def sequential_kl(policy_logits, reference_logits, mask):
+    """SeqKL(x, y) = sum over response positions of KL(pi_ref(.|s_t) || pi_theta(.|s_t)) (TDPO). Returns (N,).
+
+    Logits (N, T, V): position t is the distribution over the response token at t (callers shift); mask (N, T) bool.
+    """
+    kl = _position_terms(policy_logits, reference_logits, None, None)[2]
+    return torch.where(mask, kl, torch.zeros_like(kl)).sum(-1)
+
+
+def sequential_risk_ratio(policy_logits, reference_logits, mask, measure, level=None, *, split_vocab=False):
+    """SeqRR(x, y) = sum_t Phi_{z ~ pi_ref(.|s_t)}[ log pi_ref(z|s_t) - log pi_theta(z|s_t) ] (Ra-DPO Eq. 16)."""
+    check_measure(measure, level)
+    rho = _position_terms(policy_logits, reference_logits, measure, level, split_vocab)[3]
+    return torch.where(mask, rho, torch.zeros_like(rho)).sum(-1)
+
+
+def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head, labels, mask, measure=None,
+                   level=None, chunk_size=256, *, split_vocab=False):
+    """The memory-light path used for training: (logratio, kl, risk), each (N,), from final hidden states.
+
+    policy_hidden / reference_hidden (N, T, H): hidden state at t predicts labels[:, t] (callers shift);
+    policy_head / reference_head: the output projections (two, in case LoRA touches lm_head); mask (N, T) bool.
+    Only masked-in positions are projected to the vocabulary, `chunk_size` positions at a time, and each chunk is
+    recomputed in backward (torch.utils.checkpoint), so no (N, T, V) tensor is ever held: peak memory is
+    O(chunk_size x V). `measure=None` skips the risk term (returns risk=None), as plain DPO needs.
+    """
+    if measure is not None:
+        check_measure(measure, level)
+    rows, cols = mask.nonzero(as_tuple=True)
+    h_pi = policy_hidden[rows, cols]
+    h_ref = reference_hidden[rows, cols].detach()
+    y = labels[rows, cols]
+
+    def chunk_terms(h_pi_c, h_ref_c, y_c):
+        with torch.no_grad():
+            ref_logits = reference_head(h_ref_c)
+        logp, ref_logp, kl, rho = _position_terms(policy_head(h_pi_c), ref_logits, measure, level, split_vocab)
+        logratio = (logp.gather(-1, y_c[:, None]) - ref_logp.gather(-1, y_c[:, None])).squeeze(-1)
+        return torch.stack([logratio, kl, rho if rho is not None else torch.zeros_like(kl)])
+
+    parts = []
+    for start in range(0, h_pi.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(chunk_terms, h_pi[sl], h_ref[sl], y[sl], use_reentrant=False))
+        else:
+            parts.append(chunk_terms(h_pi[sl], h_ref[sl], y[sl]))
+    n = mask.shape[0]
+    per_pos = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, device=mask.device)
+    sums = torch.zeros(3, n, dtype=per_pos.dtype, device=per_pos.device).index_add(1, rows, per_pos)
+    return sums[0], sums[1], (sums[2] if measure is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sec. 5: preference losses
+# --------------------------------------------------------------------------------------------------------------
+
+
+def preference_loss(chosen_logratio, rejected_logratio, chosen_risk=None, rejected_risk=None, beta=0.1, alpha=0.5,
+                    variant="ra_dpo2"):
+    """Per-pair losses and (detached) rewards.
+
+        u        = beta * (logratio_w - logratio_l)
+        dpo      = -log sigmoid(u)
+        ra_dpo1  = -log sigmoid(u - beta * (SeqRR_l - SeqRR_w))                       (Ra-DPO Eq. 17)
+        ra_dpo2  = -log sigmoid(u - alpha * beta * (SeqRR_l - sg(SeqRR_w)))           (Ra-DPO Eq. 19, RSA Eq. 15)
+    `alpha` is the ra_dpo2 loss weight, not the risk level. Rewards are the Ra-DPO paper's
+    beta * (logratio + SeqRR) (beta * logratio for dpo, where no risk is given).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown loss variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    u = beta * (chosen_logratio - rejected_logratio)
+    if variant == "dpo":
+        logits = u
+    elif chosen_risk is None or rejected_risk is None:
+        raise ValueError(f"loss {variant!r} needs chosen_risk and rejected_risk")
+    elif variant == "ra_dpo1":
+        logits = u - beta * (rejected_risk - chosen_risk)
+    else:
+        logits = u - alpha * beta * (rejected_risk - chosen_risk.detach())
+    losses = -F.logsigmoid(logits)
+    chosen_extra = chosen_risk if chosen_risk is not None else 0.0
+    rejected_extra = rejected_risk if rejected_risk is not None else 0.0
+    chosen_rewards = (beta * (chosen_logratio + chosen_extra)).detach()
+    rejected_rewards = (beta * (rejected_logratio + rejected_extra)).detach()
+    return losses, chosen_rewards, rejected_rewards
