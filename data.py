@@ -1,0 +1,382 @@
+"""Preference data in, token batches out, and nothing lost silently.
+
+    pairs = load_pairs("PKU-Alignment/PKU-SafeRLHF", preference="safer")      # hub (needs a network)
+    pairs = load_pairs("train.jsonl", preference="better")                     # local jsonl/json/jsonl.gz/parquet/csv
+    pairs = load_pairs("hh.jsonl.gz")                                          # HH-RLHF dialogues, schema detected
+    examples = tokenize_pairs(pairs, tokenizer, max_length=512, max_prompt_length=128)
+    batch = collate(examples[:8], pad_token_id=tokenizer.pad_token_id)        # chosen rows first, then rejected
+
+Schemas, detected from the columns (or forced with `schema=`):
+  pku    prompt, response_0, response_1, better_response_id, safer_response_id (PKU-SafeRLHF; category, harm-category
+         and severity columns are kept in `Pair.meta`). `preference` picks the pair: "better" (helpfulness, the reward
+         stage) or "safer" (harmlessness, the safety stage: the safer response is chosen).
+  hh     chosen, rejected: full "\\n\\nHuman: ... \\n\\nAssistant: ..." dialogues (Anthropic/hh-rlhf).
+  plain  prompt, chosen, rejected.
+
+Structural errors (a missing column, an id that is not 0 or 1, a non-string text, invalid JSON or UTF-8, an
+unreadable path) raise DataError naming the file, the row and the field. Data that real sets do contain (empty or
+whitespace-only responses, identical responses, HH rows whose responses do not share one prompt, rows truncated to
+nothing) is dropped with a printed count per reason; `strict=True` turns every drop into a DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+SCHEMAS = ("pku", "hh", "plain")
+PREFERENCES = ("better", "safer")
+PROMPT_FORMATS = ("auto", "pku", "raw", "chat")
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
+HH_ASSISTANT, HH_HUMAN = "\n\nAssistant:", "\n\nHuman:"
+PKU_META = ("category", "severity", "safe")  # substrings of the extra PKU columns kept in Pair.meta
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row and the field."""
+
+
+@dataclass
+class Pair:
+    """One preference pair. `prompt` is text (for HH the raw dialogue up to the last "Assistant:"); `messages` is
+    the same prompt as chat turns, for models with a chat template."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    messages: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    row: int = 0
+
+
+class Drops:
+    """Counts dropped rows per reason; in strict mode the first drop raises instead."""
+
+    def __init__(self, source, strict=False):
+        self.source, self.strict, self.counts, self.first = source, strict, Counter(), {}
+
+    def drop(self, row, reason):
+        if self.strict:
+            raise DataError(f"{self.source}: row {row}: {reason} (dropped rows are errors under --strict)")
+        self.counts[reason] += 1
+        self.first.setdefault(reason, row)
+
+    def report(self, kept, what="pairs"):
+        total = kept + sum(self.counts.values())
+        line = f"[data] {self.source}: kept {kept} of {total} {what}"
+        if self.counts:
+            line += "; dropped " + ", ".join(f"{n} ({reason}, first at row {self.first[reason]})"
+                                            for reason, n in self.counts.most_common())
+        print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- reading rows
+
+
+def _is_local(source):
+    return os.path.exists(source) or source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))
+
+
+def _open_text(path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_rows(source, split="train", data_dir=None):
+    """Rows (dicts) from a local file, or from a Hugging Face hub data set when `source` is not a local path.
+
+    Returns a list of (row number, dict); row numbers are 1-based lines for jsonl and csv (header = line 1),
+    1-based positions otherwise.
+    """
+    if not _is_local(source):
+        return _read_hub(source, split, data_dir)
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        raise DataError(f"{source}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{source}: is a directory; pass a .jsonl, .json, .jsonl.gz, .parquet or .csv file")
+    if not path.endswith(LOCAL_SUFFIXES):
+        raise DataError(f"{source}: unknown file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+    try:
+        if path.endswith((".jsonl", ".jsonl.gz")):
+            return _read_jsonl(path, source)
+        if path.endswith((".json", ".json.gz")):
+            return _read_json(path, source)
+        if path.endswith(".csv"):
+            with open(path, encoding="utf-8", newline="") as f:
+                return [(i + 2, dict(r)) for i, r in enumerate(csv.DictReader(f))]
+        import pyarrow.parquet as pq
+
+        try:
+            return [(i + 1, r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise DataError(f"{source}: not a readable parquet file ({e})") from None
+    except PermissionError as e:
+        raise DataError(f"{source}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: invalid UTF-8 at byte {e.start}") from None
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise DataError(f"{source}: cannot read ({e})") from None
+
+
+def _read_jsonl(path, source):
+    rows = []
+    with _open_text(path) as f:
+        for line_no, line in enumerate(iter(f.readline, "")):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}: line {line_no + 1}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{source}: line {line_no + 1}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_no + 1, row))
+    return rows
+
+
+def _read_json(path, source):
+    with _open_text(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} or {"train": [...]}
+    if not isinstance(data, list):
+        raise DataError(f"{source}: expected a JSON list of objects")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: row {i + 1}: expected a JSON object, got {type(row).__name__}")
+    return [(i + 1, row) for i, row in enumerate(data)]
+
+
+def _read_hub(name, split, data_dir):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, data_dir=data_dir, split=split)
+    except Exception as e:  # offline, unknown name, unknown split: say which and why
+        raise DataError(f"{name}: not a local file, and loading it from the Hugging Face hub failed "
+                        f"({type(e).__name__}: {e})") from None
+    return [(i + 1, row) for i, row in enumerate(ds)]
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+
+def detect_schema(columns, source="data"):
+    cols = set(columns)
+    if {"response_0", "response_1"} <= cols:
+        return "pku"
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "plain"
+    if {"chosen", "rejected"} <= cols:
+        return "hh"
+    raise DataError(f"{source}: cannot tell the schema from columns {sorted(cols)}; expected PKU-SafeRLHF "
+                    "(prompt, response_0, response_1, better_response_id, safer_response_id), HH-RLHF "
+                    "(chosen, rejected) or plain (prompt, chosen, rejected)")
+
+
+def _text(row, key, source, row_no):
+    if key not in row:
+        raise DataError(f"{source}: row {row_no}: missing field {key!r}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"{source}: row {row_no}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _choice_id(row, key, source, row_no):
+    if key not in row:
+        raise DataError(f"{source}: row {row_no}: missing field {key!r} (needed for this preference)")
+    value = row[key]
+    if isinstance(value, str) and value.strip() in ("0", "1"):  # csv
+        return int(value)
+    if isinstance(value, bool) or value not in (0, 1):
+        raise DataError(f"{source}: row {row_no}: field {key!r} must be 0 or 1, got {value!r}")
+    return int(value)
+
+
+def split_hh(chosen, rejected):
+    """(prompt, chosen response, rejected response): the prompt is the longest common prefix of the two dialogues
+    that ends at "\\n\\nAssistant:". Returns None when they share no assistant turn."""
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(HH_ASSISTANT)
+    if cut < 0:
+        return None
+    end = cut + len(HH_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def hh_messages(prompt):
+    """The raw HH dialogue as chat turns: [{"role": "user" | "assistant", "content": ...}, ...]."""
+    messages = []
+    for chunk in prompt.split(HH_HUMAN)[1:]:
+        parts = chunk.split(HH_ASSISTANT)
+        messages.append({"role": "user", "content": parts[0].strip()})
+        messages += [{"role": "assistant", "content": p.strip()} for p in parts[1:] if p.strip()]
+    return messages
+
+
+def load_pairs(source, preference="better", schema=None, split="train", data_dir=None, strict=False):
+    """Load preference pairs from a local file or a hub data set; prints what was kept and dropped."""
+    if preference not in PREFERENCES:
+        raise ValueError(f"preference must be one of {PREFERENCES}, got {preference!r}")
+    rows = read_rows(source, split, data_dir)
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    if schema is None:
+        schema = detect_schema(rows[0][1].keys(), source)
+    elif schema not in SCHEMAS:
+        raise ValueError(f"schema must be one of {SCHEMAS}, got {schema!r}")
+    drops = Drops(source, strict)
+    pairs = []
+    for row_no, row in rows:
+        pair = _row_to_pair(row, row_no, schema, preference, source, drops)
+        if pair is None:
+            continue
+        if not pair.chosen.strip() or not pair.rejected.strip():
+            drops.drop(row_no, "empty or whitespace-only response")
+        elif pair.chosen.strip() == pair.rejected.strip():
+            drops.drop(row_no, "identical chosen and rejected")
+        else:
+            pairs.append(pair)
+    drops.report(len(pairs))
+    return pairs
+
+
+def _row_to_pair(row, row_no, schema, preference, source, drops):
+    if schema == "pku":
+        prompt = _text(row, "prompt", source, row_no)
+        responses = [_text(row, "response_0", source, row_no), _text(row, "response_1", source, row_no)]
+        key = "better_response_id" if preference == "better" else "safer_response_id"
+        win = _choice_id(row, key, source, row_no)
+        meta = {k: v for k, v in row.items() if any(s in k for s in PKU_META)}
+        return Pair(prompt, responses[win], responses[1 - win], [{"role": "user", "content": prompt}], meta, row_no)
+    if schema == "plain":
+        prompt = _text(row, "prompt", source, row_no)
+        chosen, rejected = _text(row, "chosen", source, row_no), _text(row, "rejected", source, row_no)
+        return Pair(prompt, chosen, rejected, [{"role": "user", "content": prompt}], {}, row_no)
+    split = split_hh(_text(row, "chosen", source, row_no), _text(row, "rejected", source, row_no))
+    if split is None:
+        drops.drop(row_no, "chosen and rejected share no assistant turn")
+        return None
+    prompt, chosen, rejected = split
+    if HH_HUMAN in chosen or HH_HUMAN in rejected or HH_ASSISTANT in chosen or HH_ASSISTANT in rejected:
+        drops.drop(row_no, "a response continues the dialogue (the two sides have different prompts)")
+        return None
+    return Pair(prompt, chosen, rejected, hh_messages(prompt), {}, row_no)
+
+
+def load_prompts(source):
+    """Evaluation prompts from a json/jsonl file of objects with `prompt` (and optionally `category`), or of strings."""
+    rows = read_rows(source)
+    prompts = []
+    for row_no, row in rows:
+        prompts.append({"prompt": _text(row, "prompt", source, row_no), "category": str(row.get("category", "all"))})
+    if not prompts:
+        raise DataError(f"{source}: no prompts (expected objects with a 'prompt' field)")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------- tokenisation
+
+
+def render_prompt(pair_or_prompt, tokenizer, prompt_format="pku"):
+    """The prompt text the model sees: PKU template, the raw text, or the tokenizer's chat template."""
+    if isinstance(pair_or_prompt, Pair):
+        prompt, messages = pair_or_prompt.prompt, pair_or_prompt.messages
+    else:
+        prompt, messages = pair_or_prompt, [{"role": "user", "content": pair_or_prompt}]
+    if prompt_format == "pku":
+        return PKU_TEMPLATE.format(prompt=prompt)
+    if prompt_format == "raw":
+        return prompt
+    if prompt_format == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError("--prompt_format chat: the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+
+
+def resolve_prompt_format(prompt_format, pairs):
+    """`auto`: raw text for HH dialogues (they carry their own turns), the PKU template otherwise."""
+    if prompt_format != "auto":
+        return prompt_format
+    return "raw" if pairs and pairs[0].prompt.startswith(HH_HUMAN) else "pku"
+
+
+def response_text(response, prompt_format):
+    """Responses follow the prompt after one space (PKU / raw text); chat templates take the content as is."""
+    if prompt_format == "chat":
+        return response.strip()
+    return response if response[:1].isspace() else " " + response
+
+
+def tokenize_pairs(pairs, tokenizer, max_length=512, max_prompt_length=128, prompt_format="auto", strict=False,
+                   source="data"):
+    """Token ids for each pair: {prompt_ids, chosen_ids, rejected_ids} with EOS appended to each response.
+
+    The prompt is truncated from the left to `max_prompt_length`, then each response from the right so that
+    prompt + response fits `max_length`. Pairs whose prompt tokens are not a prefix of the prompt + response tokens,
+    or whose response is truncated to nothing, are dropped with a count.
+    """
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; responses must end with one")
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
+    fmt = resolve_prompt_format(prompt_format, pairs)
+    special = fmt != "chat"  # chat templates write their own BOS
+    drops = Drops(source, strict)
+    out = []
+    for pair in pairs:
+        prompt = render_prompt(pair, tokenizer, fmt)
+        prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        responses = []
+        for text in (pair.chosen, pair.rejected):
+            full = tokenizer(prompt + response_text(text, fmt), add_special_tokens=special)["input_ids"]
+            if full[: len(prompt_ids)] != prompt_ids:
+                break
+            responses.append(full[len(prompt_ids):] + [tokenizer.eos_token_id])
+        if len(responses) < 2:
+            drops.drop(pair.row, "prompt tokens are not a prefix of prompt + response tokens")
+            continue
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        room = max_length - len(prompt_ids)
+        chosen, rejected = responses[0][:room], responses[1][:room]
+        if chosen == rejected:
+            drops.drop(pair.row, "chosen and rejected identical after truncation")
+            continue
+        out.append({"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "row": pair.row})
+    drops.report(len(out), "tokenised pairs")
+    return out
+
+
+def collate(examples, pad_token_id=0):
+    """Pad and stack: rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones, for one forward pass.
+
+    Returns input_ids and attention_mask (2B, T), and response_mask (2B, T) bool: True on response tokens and EOS,
+    built from positions (never from pad_token_id, which may equal EOS).
+    """
+    seqs, starts = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for ex in examples:
+            seqs.append(ex["prompt_ids"] + ex[side])
+            starts.append(len(ex["prompt_ids"]))
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    response_mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, (seq, start) in enumerate(zip(seqs, starts)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+        response_mask[i, start: len(seq)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
