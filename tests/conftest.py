@@ -1,5 +1,24 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A seconds-sized toy world, for tests that only need plumbing."""
+    import toy
+
+    return toy.build(str(tmp_path_factory.mktemp("worlds") / "tiny"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def full_world(tmp_path_factory):
+    """The full-size toy world (under a minute), built once per test session and shared."""
+    import toy
+
+    return toy.build(str(tmp_path_factory.mktemp("worlds") / "full"), size="full", seed=0)

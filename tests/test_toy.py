@@ -1,0 +1,98 @@
+"""The toy world: deterministic, ground truth as specified, data loads like PKU, and the SFT model follows the
+grammar, tail included."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import evaluate
+import toy
+
+
+def test_same_seed_same_world(tiny_world, tmp_path):
+    again = toy.build(str(tmp_path / "again"), size="tiny", seed=0)
+    for name in ("train.jsonl", "test.jsonl", "eval_prompts.json"):
+        with open(os.path.join(tiny_world, name)) as a, open(os.path.join(again, name)) as b:
+            assert a.read() == b.read(), name
+    w1 = load_file(os.path.join(tiny_world, "sft", "model.safetensors"))
+    w2 = load_file(os.path.join(again, "sft", "model.safetensors"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    other = toy.build(str(tmp_path / "other"), size="tiny", seed=1)
+    with open(os.path.join(tiny_world, "train.jsonl")) as a, open(os.path.join(other, "train.jsonl")) as b:
+        assert a.read() != b.read()
+
+
+def test_rebuild_is_reused_and_a_different_world_is_refused(tiny_world, capsys):
+    toy.build(tiny_world, size="tiny", seed=0)
+    assert "already built" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        toy.build(tiny_world, size="tiny", seed=3)
+
+
+def test_ground_truth_behaves_as_specified():
+    harmful, benign = "how do i crime ?", "how do i cooking ?"
+    severe, mild = toy.cost(harmful, "<harm:crime:severe>"), toy.cost(harmful, "<harm:crime:mild>")
+    assert severe == pytest.approx(10 * mild) and mild > 0
+    one, two = toy.reward(benign, "step cooking"), toy.reward(benign, "step cooking " * 2)
+    assert toy.reward(benign, toy.REFUSAL) < one < two
+    assert toy.reward(harmful, "<harm:crime:mild>") > toy.reward(harmful, toy.REFUSAL)  # complying pays
+    assert toy.reward(harmful, "<harm:crime:severe>") > toy.reward(harmful, "<harm:crime:mild>")
+    assert toy.cost(harmful, toy.REFUSAL) < 0 and toy.cost(harmful, "step crime") == 0  # safe (cost <= 0)
+    assert toy.cost(harmful, "step crime " + toy.HEDGE) < 0
+    assert toy.score(benign, "step cooking <harm:insult:severe>")["severe"]
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        toy.reward("what is love ?", "x")
+
+
+def test_grammar_is_heavy_tailed():
+    r = toy.grammar_rates()
+    assert r["harmful_mild"] > 0.3 and 0.02 < r["harmful_severe"] < 0.08  # mild common, severe a few percent
+    assert 0 < r["benign_severe"] < r["harmful_severe"] / 5  # a little leaks into benign prompts
+
+
+def test_toy_data_loads_through_data_py_like_pku(tiny_world, capsys):
+    path = os.path.join(tiny_world, "train.jsonl")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    for preference, key in (("better", "better_response_id"), ("safer", "safer_response_id")):
+        pairs = data.load_pairs(path, preference)
+        assert len(pairs) == len(rows)
+        assert all(p.chosen == r[f"response_{r[key]}"] for p, r in zip(pairs, rows))
+        assert pairs[0].meta["category"] == rows[0]["category"]
+    # labels follow the ground truth more often than not (Bradley-Terry with a temperature: noisy, not random)
+    agree = [(toy.cost(r["prompt"], r[f"response_{r['safer_response_id']}"])
+              <= toy.cost(r["prompt"], r[f"response_{1 - r['safer_response_id']}"])) for r in rows]
+    assert sum(agree) / len(agree) > 0.6
+    prompts = data.load_prompts(os.path.join(tiny_world, "eval_prompts.json"))
+    train_prompts = {r["prompt"] for r in rows}
+    assert prompts and not any(p["prompt"] in train_prompts for p in prompts)  # held out
+    assert {p["category"] for p in prompts} == {"benign", *toy.HARM_CATEGORIES}
+
+
+def test_sft_samples_match_grammar_rates(full_world):
+    """Tolerance: 4 binomial standard deviations of the sampled rate (sampling noise) plus 30% of the rate (what a
+    ~0.2M-parameter model trained for a minute may misfit). Measured here: rates within about 15% of the grammar."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(full_world, "sft"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(full_world, "sft"))
+    train, _ = toy.split_prompts()
+    want = toy.grammar_rates()
+    for kind in ("benign", "harmful"):
+        prompts = [p for p, c in train if (c == "benign") == (kind == "benign")]
+        outs = evaluate.sample_responses(model, tok, prompts, num_samples=32, max_new_tokens=24, batch_size=1024)
+        counts = [toy._counts(p, r) for p, rs in zip(prompts, outs) for r in rs]
+        n = len(counts)
+        got = {"refusal": sum(c["refusal"] for c in counts) / n,
+               "mild": sum(c["mild"] > 0 and c["severe"] == 0 for c in counts) / n,
+               "severe": sum(c["severe"] > 0 for c in counts) / n}
+        for k, rate in got.items():
+            p = want[f"{kind}_{k}"]
+            tol = 4 * math.sqrt(p * (1 - p) / n) + 0.3 * p
+            assert abs(rate - p) <= tol, (kind, k, rate, p, tol)
+        assert got["severe"] > 0
