@@ -226,7 +226,7 @@ def sequential_risk_ratio(policy_logits, reference_logits, mask, measure, level=
 
 
 def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head, labels, mask, measure=None,
-                   level=None, chunk_size=256, *, split_vocab=False):
+                   level=None, chunk_size=256, *, split_vocab=False, with_logps=False):
     """The memory-light path used for training: (logratio, kl, risk), each (N,), from final hidden states.
 
     policy_hidden / reference_hidden (N, T, H): hidden state at t predicts labels[:, t] (callers shift);
@@ -234,6 +234,7 @@ def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head,
     Only masked-in positions are projected to the vocabulary, `chunk_size` positions at a time, and each chunk is
     recomputed in backward (torch.utils.checkpoint), so no (N, T, V) tensor is ever held: peak memory is
     O(chunk_size x V). `measure=None` skips the risk term (returns risk=None), as plain DPO needs.
+    `with_logps=True` adds a fourth output, sum_t log pi_theta(y_t | s_t), for logging.
     """
     if measure is not None:
         check_measure(measure, level)
@@ -246,8 +247,9 @@ def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head,
         with torch.no_grad():
             ref_logits = reference_head(h_ref_c)
         logp, ref_logp, kl, rho = _position_terms(policy_head(h_pi_c), ref_logits, measure, level, split_vocab)
-        logratio = (logp.gather(-1, y_c[:, None]) - ref_logp.gather(-1, y_c[:, None])).squeeze(-1)
-        return torch.stack([logratio, kl, rho if rho is not None else torch.zeros_like(kl)])
+        token_logp = logp.gather(-1, y_c[:, None]).squeeze(-1)
+        logratio = token_logp - ref_logp.gather(-1, y_c[:, None]).squeeze(-1)
+        return torch.stack([logratio, kl, rho if rho is not None else torch.zeros_like(kl), token_logp])
 
     parts = []
     for start in range(0, h_pi.shape[0], chunk_size):
@@ -257,9 +259,10 @@ def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head,
         else:
             parts.append(chunk_terms(h_pi[sl], h_ref[sl], y[sl]))
     n = mask.shape[0]
-    per_pos = torch.cat(parts, dim=1) if parts else torch.zeros(3, 0, device=mask.device)
-    sums = torch.zeros(3, n, dtype=per_pos.dtype, device=per_pos.device).index_add(1, rows, per_pos)
-    return sums[0], sums[1], (sums[2] if measure is not None else None)
+    per_pos = torch.cat(parts, dim=1) if parts else torch.zeros(4, 0, device=mask.device)
+    sums = torch.zeros(4, n, dtype=per_pos.dtype, device=per_pos.device).index_add(1, rows, per_pos)
+    out = (sums[0], sums[1], sums[2] if measure is not None else None)
+    return out + (sums[3],) if with_logps else out
 
 
 # --------------------------------------------------------------------------------------------------------------

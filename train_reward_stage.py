@@ -1,0 +1,492 @@
+"""Stage 1 of RSA: the reward (helpfulness) stage, and the training loop both stages share.
+
+    # the toy world (python toy.py build --out worlds/toy first)
+    python train_reward_stage.py --sft worlds/toy/sft --data worlds/toy/train.jsonl --out runs/demo/reward
+    # a real model on PKU-SafeRLHF, one GPU, QLoRA
+    python train_reward_stage.py --sft PKU-Alignment/alpaca-7b-reproduced --data PKU-Alignment/PKU-SafeRLHF \\
+        --out runs/reward --load_in_4bit --batch_size 16 --grad_accum 2 --lr 2e-5 --epochs 3
+
+Policy and reference both start from the SFT model; the policy is a LoRA adapter on it and the reference is the
+same weights with the adapter switched off (no second model copy). Pairs are the helpfulness preferences
+(`better_response_id`); the loss is Ra-DPO (math.md Sec. 5) with the nested risk of risk.py, computed chunk by chunk
+at response positions from the final hidden states (risk.sequence_terms), never as a full (N, T, V) tensor.
+
+Output (--out): the LoRA adapter (safetensors), the tokenizer, rsa_config.json (the full run config), metrics.jsonl,
+and complete.json, written last: a run whose output is complete with the same config is not redone.
+Baselines are settings: DPO (--loss dpo), TDPO (--risk_measure expectation), the Ra-DPO authors' setup
+(--radpo_parity); the stage order is swapped for RSA(S->H) with --preference safer here and better in stage 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+
+import torch
+from tqdm import tqdm
+
+import data
+import risk
+
+CONFIG_FILE, COMPLETE_FILE, METRICS_FILE = "rsa_config.json", "complete.json", "metrics.jsonl"
+# Settings that do not change what a run computes: a re-run that differs only in these is the same run.
+NOT_PART_OF_RUN = {"overwrite", "log_every", "out"}
+# The Ra-DPO authors' code defaults (math.md Sec. 4), for parity with their published numbers.
+RADPO_PARITY = dict(loss="ra_dpo1", risk_measure="cvar_radpo", risk_level=0.95, split_vocab=True,
+                    loss_reduction="sum", lr=5e-6)
+
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit code 2, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def build_parser(stage="reward"):
+    safety = stage == "safety"
+    p = argparse.ArgumentParser(
+        description=(__doc__ if not safety else None), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="train_safety_stage.py" if safety else "train_reward_stage.py")
+    g = p.add_argument_group("model")
+    if safety:
+        g.add_argument("--reward_stage", required=True,
+                       help="output folder of train_reward_stage.py: the policy pi_r this stage starts from and "
+                            "keeps, frozen, as its reference")
+        g.add_argument("--sft", default=None, help="optional: the SFT model the reward stage should sit on (checked)")
+    else:
+        g.add_argument("--sft", required=True, help="SFT model: a local folder, a hub name, or a .gguf file")
+    g.add_argument("--gguf_file", default=None, help="name of a .gguf file inside --sft (or pass its path as --sft)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
+    g.add_argument("--lora_r", type=int, default=16)
+    g.add_argument("--lora_alpha", type=float, default=32.0)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_target_modules", default="all-linear",
+                   help="comma-separated module names, or all-linear (every linear layer but the output head; "
+                        "works for Llama-, GPT-2- and Qwen-shaped models)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="preference data: a local jsonl/json/jsonl.gz/parquet/csv file or "
+                                                 "a hub name (PKU-Alignment/PKU-SafeRLHF, Anthropic/hh-rlhf)")
+    g.add_argument("--data_dir", default=None, help="hub data_dir (e.g. harmless-base for Anthropic/hh-rlhf)")
+    g.add_argument("--split", default="train", help="hub split")
+    g.add_argument("--schema", default=None, choices=data.SCHEMAS, help="force the schema (default: detect)")
+    g.add_argument("--preference", default="safer" if safety else "better", choices=data.PREFERENCES,
+                   help="which PKU label picks the chosen response: better (helpfulness) or safer (harmlessness)")
+    g.add_argument("--eval_data", default=None, help="held-out pairs (default: --eval_pairs split off --data)")
+    g.add_argument("--eval_split", default="test", help="hub split of --eval_data")
+    g.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs evaluated (split off if no --eval_data)")
+    g.add_argument("--strict", action="store_true", help="treat dropped rows as errors")
+    g.add_argument("--max_length", type=int, default=512)
+    g.add_argument("--max_prompt_length", type=int, default=128)
+    g.add_argument("--prompt_format", default="auto", choices=data.PROMPT_FORMATS,
+                   help="auto: raw text for HH dialogues, the PKU template otherwise; chat: the tokenizer's template")
+    g = p.add_argument_group("loss (math.md Sec. 4-5)")
+    g.add_argument("--loss", default="ra_dpo2", choices=risk.VARIANTS)
+    g.add_argument("--risk_measure", default="cvar_radpo", choices=risk.MEASURES,
+                   help="expectation gives TDPO; cvar is the paper form, cvar_radpo the authors' code form")
+    g.add_argument("--risk_level", type=float, default=0.95, help="CVaR tail mass in (0, 1], or ERM's mu > 0")
+    g.add_argument("--beta", type=float, default=0.01 if safety else 0.1,
+                   help=("beta_s = beta_r / lambda: a smaller beta_s is a larger lambda, a stronger safety step"
+                         if safety else "beta_r"))
+    g.add_argument("--alpha", type=float, default=0.5, help="ra_dpo2 loss weight of the risk term (not the level)")
+    g.add_argument("--split_vocab", action="store_true", help="cvar_radpo: the authors' two-halves threshold quirk")
+    g.add_argument("--loss_reduction", default="mean", choices=("mean", "sum"),
+                   help="over pairs in a batch (the Ra-DPO code sums)")
+    g.add_argument("--radpo_parity", action="store_true",
+                   help="the Ra-DPO authors' defaults: " + ", ".join(f"{k}={v}" for k, v in RADPO_PARITY.items()))
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
+    g.add_argument("--batch_size", type=int, default=8, help="pairs per micro-batch")
+    g.add_argument("--grad_accum", type=int, default=1)
+    g.add_argument("--warmup_ratio", type=float, default=0.03)
+    g.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--chunk_size", type=int, default=256, help="response positions per chunk of vocabulary terms")
+    g.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run with a different config")
+    g.add_argument("--log_every", type=int, default=10, help="steps between log lines / metrics.jsonl records")
+    g.add_argument("--eval_every", type=int, default=100, help="steps between held-out evaluations")
+    return p
+
+
+def _explicit(argv, name):
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def parse_args(argv, stage="reward"):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(stage)
+    if "--radpo_parity" in argv:
+        parser.set_defaults(**RADPO_PARITY)
+    args = parser.parse_args(argv)
+    if args.loss == "dpo":
+        for name in ("risk_measure", "risk_level", "alpha", "split_vocab", "radpo_parity"):
+            if _explicit(argv, name):
+                raise UsageError(f"--{name} has no effect with --loss dpo (DPO has no risk term); drop one of them")
+    if args.loss == "ra_dpo1" and _explicit(argv, "alpha"):
+        raise UsageError("--alpha weights the risk term of ra_dpo2 only; drop it or use --loss ra_dpo2")
+    if args.split_vocab and args.risk_measure != "cvar_radpo":
+        raise UsageError("--split_vocab applies to --risk_measure cvar_radpo only")
+    try:
+        if args.loss != "dpo":
+            risk.check_measure(args.risk_measure, args.risk_level)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.max_prompt_length >= args.max_length:
+        raise UsageError(f"--max_prompt_length ({args.max_prompt_length}) must be smaller than --max_length "
+                         f"({args.max_length})")
+    for name in ("beta", "lr", "batch_size", "grad_accum", "chunk_size", "lora_r"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def model_source(path, gguf_file=None):
+    """(folder or hub name, gguf file name or None): a path to a .gguf file is split into its folder and name."""
+    if gguf_file is None and path.endswith(".gguf"):
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    return path, gguf_file
+
+
+def load_base_model(path, gguf_file=None, trust_remote_code=False):
+    """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), fp32."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf_file = model_source(path, gguf_file)
+    if (os.path.sep in path or path.startswith(".")) and not os.path.exists(path):
+        raise UsageError(f"{path}: no such model folder")
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True  # never unpickle weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot load a causal LM with safetensors weights ({str(e).splitlines()[0]})") \
+            from None
+    model.config.use_cache = False
+    for module in model.modules():  # a deterministic reference: no dropout outside the LoRA layers added later
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def load_tokenizer(path, gguf_file=None, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    path, gguf_file = model_source(path, gguf_file)
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # the masks never rely on pad ids
+    return tok
+
+
+def add_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UsageError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
+
+
+def read_stage(folder):
+    """The rsa_config.json of a finished stage; errors for missing or unfinished ones."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: no such stage output folder")
+    if not os.path.exists(os.path.join(folder, CONFIG_FILE)):
+        raise UsageError(f"{folder}: not a stage output (no {CONFIG_FILE})")
+    if not os.path.exists(os.path.join(folder, COMPLETE_FILE)):
+        raise UsageError(f"{folder}: the stage did not finish (no {COMPLETE_FILE}); rerun it first")
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        return json.load(f)
+
+
+def load_policy(folder, trust_remote_code=False):
+    """A finished stage's policy as a plain transformers model: its base with every adapter on the way merged in.
+    (A safety stage's adapter sits on its reward stage's merged policy.) Also accepts a plain model folder."""
+    from peft import PeftModel
+
+    if not os.path.exists(os.path.join(folder, CONFIG_FILE)):
+        return load_base_model(folder, trust_remote_code=trust_remote_code)
+    cfg = read_stage(folder)
+    if cfg.get("parent"):
+        base = load_policy(cfg["parent"], trust_remote_code)
+    else:
+        base = load_base_model(cfg["base_model"], cfg.get("gguf_file"), trust_remote_code)
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+
+
+def fingerprint(model):
+    """What must agree for two checkpoints to share a base: architecture and shapes."""
+    c = model.config
+    return {"model_type": c.model_type, "vocab_size": c.vocab_size,
+            "hidden_size": getattr(c, "hidden_size", None), "num_hidden_layers": getattr(c, "num_hidden_layers", None),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def backbone_and_head(model):
+    """The transformer body (to get final hidden states without full logits) and the output projection."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+
+
+# ---------------------------------------------------------------------------------------------- one batch
+
+
+def batch_terms(model, batch, args, with_reference=True):
+    """Per-sequence (logratio, kl, risk, logps) for a collated batch (chosen rows first), from one policy forward
+    and one reference forward (the same weights with the adapter off)."""
+    body, head = backbone_and_head(model)
+    ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state
+    with torch.no_grad(), model.disable_adapter():
+        ref_hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state
+    ref_head = getattr(head, "base_layer", head)  # LoRA on the head: the reference uses the frozen base layer
+    measure = None if args.loss == "dpo" else args.risk_measure
+    # position t predicts token t + 1: shift once here, risk.py never shifts
+    return risk.sequence_terms(hidden[:, :-1], ref_hidden[:, :-1], head, ref_head, ids[:, 1:], resp[:, 1:],
+                               measure, args.risk_level, args.chunk_size, split_vocab=args.split_vocab,
+                               with_logps=True)
+
+
+def batch_loss(model, batch, args):
+    """The loss of a batch and its metrics (the names TRL users know, plus the Ra-DPO paper's rewards)."""
+    logratio, kl, rr, logps = batch_terms(model, batch, args)
+    n = logratio.shape[0] // 2
+    w, l = slice(0, n), slice(n, 2 * n)
+    losses, cw, cl = risk.preference_loss(logratio[w], logratio[l], None if rr is None else rr[w],
+                                          None if rr is None else rr[l], args.beta, args.alpha, args.loss)
+    loss = losses.mean() if args.loss_reduction == "mean" else losses.sum()
+    rw, rl = args.beta * logratio[w].detach(), args.beta * logratio[l].detach()
+    m = {"loss": loss.item(),
+         "rewards/chosen": rw.mean().item(), "rewards/rejected": rl.mean().item(),
+         "rewards/margins": (rw - rl).mean().item(), "rewards/accuracies": (rw > rl).float().mean().item(),
+         "rewards_ra/chosen": cw.mean().item(), "rewards_ra/rejected": cl.mean().item(),
+         "rewards_ra/margins": (cw - cl).mean().item(), "rewards_ra/accuracies": (cw > cl).float().mean().item(),
+         "logps/chosen": logps[w].mean().item(), "logps/rejected": logps[l].mean().item(),
+         "kl/chosen": kl[w].mean().item(), "kl/rejected": kl[l].mean().item()}
+    if rr is not None:
+        m.update({"risk/chosen": rr[w].mean().item(), "risk/rejected": rr[l].mean().item(),
+                  "risk/margins": (rr[l] - rr[w]).mean().item()})
+    return loss, m
+
+
+@torch.no_grad()
+def evaluate_pairs(model, examples, args, pad_id):
+    """Mean metrics over held-out pairs (weighted by pairs)."""
+    model.eval()
+    totals, count = {}, 0
+    for start in range(0, len(examples), args.batch_size):
+        chunk = examples[start: start + args.batch_size]
+        _, m = batch_loss(model, data.collate(chunk, pad_id), args)
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + v * len(chunk)
+        count += len(chunk)
+    model.train()
+    return {k: v / count for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def lr_lambda(args, total_steps):
+    warmup = max(1, int(args.warmup_ratio * total_steps)) if args.warmup_ratio > 0 else 0
+
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if args.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return f
+
+
+def run_config(args, stage, extra):
+    cfg = {"stage": stage, "args": {k: v for k, v in vars(args).items() if k not in NOT_PART_OF_RUN}}
+    cfg.update(extra)
+    return cfg
+
+
+def check_output(out, cfg, overwrite):
+    """True when `out` already holds this finished run (nothing to do); errors when it holds another one."""
+    if not os.path.exists(out):
+        return False
+    done = os.path.exists(os.path.join(out, COMPLETE_FILE))
+    if done:
+        with open(os.path.join(out, CONFIG_FILE)) as f:
+            old = json.load(f)
+        if old == cfg:
+            return True
+        if not overwrite:
+            changed = sorted(k for k in set(old["args"]) | set(cfg["args"]) if old["args"].get(k) != cfg["args"].get(k))
+            raise UsageError(f"{out}: holds a finished run with a different config (differs in: "
+                             f"{', '.join(changed) or 'stage inputs'}); pass --overwrite to replace it")
+    elif not overwrite:
+        raise UsageError(f"{out}: exists but holds no finished run; pass --overwrite to replace it")
+    return False
+
+
+def prepare_data(args, tokenizer):
+    """Tokenised (train, eval) examples, with every drop counted."""
+    try:
+        pairs = data.load_pairs(args.data, args.preference, args.schema, args.split, args.data_dir, args.strict)
+        if args.eval_data:
+            eval_pairs = data.load_pairs(args.eval_data, args.preference, args.schema, args.eval_split,
+                                         args.data_dir, args.strict)[: args.eval_pairs]
+        else:
+            rng = random.Random(args.seed)
+            pairs = pairs[:]
+            rng.shuffle(pairs)
+            n_eval = min(args.eval_pairs, len(pairs) // 10)
+            eval_pairs, pairs = pairs[:n_eval], pairs[n_eval:]
+            print(f"[data] held out {n_eval} of the training pairs for evaluation (no --eval_data)")
+        tok = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                   prompt_format=args.prompt_format, strict=args.strict)
+        train = data.tokenize_pairs(pairs, tokenizer, source=args.data, **tok)
+        held = data.tokenize_pairs(eval_pairs, tokenizer, source=args.eval_data or args.data, **tok)
+    except data.DataError as e:
+        raise UsageError(str(e)) from None
+    if not train:
+        raise UsageError(f"{args.data}: no training pairs left after filtering")
+    return train, held
+
+
+def train(model, tokenizer, args, cfg, train_examples, eval_examples):
+    """The training loop shared by both stages: AdamW, warmup then decay, accumulation, clipping, logging,
+    held-out evaluation, and an atomic save. `model` is a peft model whose disabled adapter is the reference."""
+    out, tmp = args.out, args.out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    pad = tokenizer.pad_token_id
+    per_epoch = math.ceil(len(train_examples) / args.batch_size)
+    total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
+    print(f"[train] {cfg['stage']} stage: {len(train_examples)} pairs, {total} steps of {args.batch_size} x "
+          f"{args.grad_accum} pairs; loss {args.loss}"
+          + ("" if args.loss == "dpo" else f" ({args.risk_measure}, level {args.risk_level})")
+          + f", beta {args.beta}", flush=True)
+
+    def batches():
+        while True:
+            order = list(range(len(train_examples)))
+            rng.shuffle(order)
+            for s in range(0, len(order), args.batch_size):
+                yield [train_examples[i] for i in order[s: s + args.batch_size]]
+
+    log = open(os.path.join(tmp, METRICS_FILE), "w")
+
+    def record(step, split, metrics):
+        log.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        log.flush()
+
+    def run_eval(step):
+        if eval_examples:
+            m = evaluate_pairs(model, eval_examples, args, pad)
+            record(step, "eval", m)
+            print(f"[eval] step {step}: loss {m['loss']:.4f}, reward accuracy {m['rewards/accuracies']:.3f}, "
+                  f"margin {m['rewards/margins']:.4f}, kl chosen {m['kl/chosen']:.4f} / rejected "
+                  f"{m['kl/rejected']:.4f}", flush=True)
+            return m
+        return None
+
+    final_eval = run_eval(0)
+    model.train()
+    stream = batches()
+    window, start = [], time.time()
+    bar = tqdm(range(1, total + 1), desc=f"{cfg['stage']} stage", file=sys.stdout, mininterval=1)
+    for step in bar:
+        t0, tokens, step_metrics = time.time(), 0, []
+        for _ in range(args.grad_accum):
+            batch = data.collate(next(stream), pad)
+            loss, m = batch_loss(model, batch, args)
+            (loss / args.grad_accum).backward()
+            tokens += int(batch["attention_mask"].sum())
+            step_metrics.append(m)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        m = {k: sum(x[k] for x in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+        m.update({"grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "tokens_per_s": tokens / (time.time() - t0)})
+        window.append(m)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}", refresh=False)
+        if step % args.log_every == 0 or step == total:
+            avg = {k: sum(x[k] for x in window) / len(window) for k in window[0]}
+            record(step, "train", avg)
+            tqdm.write(f"[train] step {step}/{total}: loss {avg['loss']:.4f}, acc {avg['rewards/accuracies']:.3f}, "
+                       f"margin {avg['rewards/margins']:.4f}, kl {avg['kl/chosen']:.4f}/{avg['kl/rejected']:.4f}, "
+                       f"grad {avg['grad_norm']:.3f}, lr {avg['lr']:.2e}, {avg['tokens_per_s']:.0f} tok/s",
+                       file=sys.stdout)
+            window = []
+        if step % args.eval_every == 0 and step != total:
+            run_eval(step)
+    bar.close()
+    final_eval = run_eval(total) or final_eval
+    log.close()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+        json.dump(cfg, f, indent=1)
+    with open(os.path.join(tmp, COMPLETE_FILE), "w") as f:  # written last: the completeness marker
+        json.dump({"steps": total, "seconds": round(time.time() - start, 1), "final_eval": final_eval}, f, indent=1)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"[train] saved {cfg['stage']} stage to {out}", flush=True)
+    return final_eval
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv, "reward")
+        cfg_args = {"base_model": args.sft, "gguf_file": args.gguf_file, "parent": None, "reference": "sft",
+                    "order": "H->S" if args.preference == "better" else "S->H"}
+        base = load_base_model(args.sft, args.gguf_file, args.trust_remote_code)
+        tokenizer = load_tokenizer(args.sft, args.gguf_file, args.trust_remote_code)
+        cfg = run_config(args, "reward", {**cfg_args, "base_fingerprint": fingerprint(base)})
+        if check_output(args.out, cfg, args.overwrite):
+            print(f"[train] {args.out}: already complete with this config; nothing to do")
+            return 0
+        train_examples, eval_examples = prepare_data(args, tokenizer)
+        model = add_lora(base, args)
+        train(model, tokenizer, args, cfg, train_examples, eval_examples)
+    except UsageError as e:
+        print(f"train_reward_stage.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

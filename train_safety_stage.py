@@ -1,0 +1,58 @@
+"""Stage 2 of RSA: the safety (harmlessness) stage, realigning the reward-stage policy pi_r.
+
+    python train_safety_stage.py --reward_stage runs/demo/reward --data worlds/toy/train.jsonl --out runs/demo/safety
+    python train_safety_stage.py --reward_stage runs/reward --data PKU-Alignment/PKU-SafeRLHF --out runs/safety
+
+The policy starts at pi_r and the reference is pi_r, frozen and deterministic (math.md Sec. 6): the reward stage's
+adapter is merged into the SFT weights in full precision, and a new LoRA adapter is trained on top, so switching
+that adapter off gives exactly pi_r (never the raw SFT model). Pairs are the harmlessness preferences
+(`safer_response_id`: the safer response is chosen). `--beta` is beta_s = beta_r / lambda (default 0.01); the
+implied lambda is logged. Everything else, the loss, the loop and the outputs, is the reward stage's
+(train_reward_stage.py); the output records which reward-stage policy it sits on. SACPO is both stages with
+--loss dpo; RSA(S->H) runs the reward stage with --preference safer and this one with --preference better.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import train_reward_stage as stage
+from train_reward_stage import UsageError
+
+
+def main(argv=None):
+    try:
+        args = stage.parse_args(argv, "safety")
+        parent = stage.read_stage(args.reward_stage)
+        if parent["stage"] != "reward":
+            raise UsageError(f"{args.reward_stage}: is a {parent['stage']} stage output; pass the reward stage's")
+        if args.sft is not None:
+            sft = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code)
+            if stage.fingerprint(sft) != parent["base_fingerprint"]:
+                raise UsageError(f"--sft {args.sft} is not the base model of {args.reward_stage} "
+                                 f"({parent['base_model']}): architectures or shapes differ")
+        beta_r = parent["args"]["beta"]
+        cfg = stage.run_config(args, "safety", {
+            "base_model": parent["base_model"], "gguf_file": parent.get("gguf_file"),
+            "base_fingerprint": parent["base_fingerprint"], "parent": os.path.abspath(args.reward_stage),
+            "parent_config": parent, "reference": "reward-stage policy (stage 1 merged in full precision)",
+            "order": parent["order"], "lambda": beta_r / args.beta})
+        if stage.check_output(args.out, cfg, args.overwrite):
+            print(f"[train] {args.out}: already complete with this config; nothing to do")
+            return 0
+        print(f"[train] safety stage on {args.reward_stage}: beta_s = {args.beta} with beta_r = {beta_r}, "
+              f"so lambda = beta_r / beta_s = {beta_r / args.beta:g}", flush=True)
+        pi_r = stage.load_policy(args.reward_stage, args.trust_remote_code)  # merged: the frozen reference
+        tokenizer = stage.load_tokenizer(args.reward_stage)
+        train_examples, eval_examples = stage.prepare_data(args, tokenizer)
+        model = stage.add_lora(pi_r, args)
+        stage.train(model, tokenizer, args, cfg, train_examples, eval_examples)
+    except UsageError as e:
+        print(f"train_safety_stage.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
