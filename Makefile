@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint install
+.PHONY: test lint install demo
 
 install: $(STAMP)
 
@@ -20,3 +20,6 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	PY=$(PY) bash demo.sh
