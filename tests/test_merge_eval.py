@@ -1,0 +1,176 @@
+"""merge_policies.py (RSA(P) is exact) and evaluate.py (metrics by hand, generation limits, outputs, beaver)."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_stages import FAST, subset
+
+import evaluate
+import merge_policies
+import toy
+import train_reward_stage as stage
+import train_safety_stage
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("merge")
+    pairs = subset(tiny_world, tmp)
+    reward, safety = str(tmp / "reward"), str(tmp / "safety")
+    common = ["--data", pairs, "--max_steps", "4", "--lr", "2e-2", *FAST]
+    assert stage.main(["--sft", os.path.join(tiny_world, "sft"), "--out", reward, *common]) == 0
+    assert train_safety_stage.main(["--reward_stage", reward, "--out", safety, *common]) == 0
+    mix = str(tmp / "mix")
+    assert merge_policies.main(["--first", reward, "--second", safety, "--q", "0", "0.3", "1", "--out", mix]) == 0
+    return {"reward": reward, "safety": safety, "mix": mix, "tmp": tmp}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_mixture_endpoints_and_interpolation(trained):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 40, (2, 12))
+    pi_r, pi_rs = stage.load_policy(trained["reward"]), stage.load_policy(trained["safety"])
+    q1 = AutoModelForCausalLM.from_pretrained(os.path.join(trained["mix"], "q1"))
+    q0 = AutoModelForCausalLM.from_pretrained(os.path.join(trained["mix"], "q0"))
+    assert torch.allclose(logits(q1, ids), logits(pi_r, ids), atol=1e-5)
+    assert torch.allclose(logits(q0, ids), logits(pi_rs, ids), atol=1e-5)
+    assert not torch.allclose(logits(q0, ids), logits(q1, ids), atol=1e-3)
+    mixed = load_file(os.path.join(trained["mix"], "q0.3", "model.safetensors"))
+    sr, ss = pi_r.state_dict(), pi_rs.state_dict()
+    for k, v in mixed.items():
+        assert torch.allclose(v, 0.3 * sr[k] + 0.7 * ss[k], atol=1e-6), k
+    note = json.load(open(os.path.join(trained["mix"], "q0.3", merge_policies.MIXTURE_FILE)))
+    assert note["q"] == 0.3 and note["mode"] == "rsa_p" and note["order"] == "H->S"
+
+
+def test_lora_mixture_is_reward_policy_plus_scaled_safety_delta(trained):
+    """theta(q) = theta_r + (1 - q) * Delta_s, with Delta_s = scale * B @ A read from the adapter file."""
+    adapter = load_file(os.path.join(trained["safety"], "adapter_model.safetensors"))
+    cfg = json.load(open(os.path.join(trained["safety"], "adapter_config.json")))
+    scale = cfg["lora_alpha"] / cfg["r"]
+    theta_r = stage.load_policy(trained["reward"]).state_dict()
+    mixed = load_file(os.path.join(trained["mix"], "q0.3", "model.safetensors"))
+    checked = 0
+    for key in adapter:
+        if not key.endswith("lora_A.weight"):
+            continue
+        a, b = adapter[key], adapter[key.replace("lora_A", "lora_B")]
+        target = key.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
+        assert torch.allclose(mixed[target], theta_r[target] + 0.7 * scale * (b @ a), atol=1e-6)
+        checked += 1
+    assert checked > 0
+
+
+def test_merge_errors(trained, full_world, capsys):
+    assert merge_policies.main(["--first", trained["reward"], "--second", trained["safety"], "--q", "1.2",
+                                "--out", str(trained["tmp"] / "bad")]) == 2
+    assert "must lie in [0, 1]" in capsys.readouterr().err
+    assert merge_policies.main(["--first", trained["reward"], "--second", os.path.join(full_world, "sft"),
+                                "--q", "0.5", "--out", str(trained["tmp"] / "bad")]) == 2
+    assert "share one base model" in capsys.readouterr().err
+    assert not os.path.exists(trained["tmp"] / "bad" / "q0.5")
+
+
+def test_metrics_equal_hand_computed_values():
+    costs = [0, -1, 2, 10, 0, 0, 1, -0.5, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # 20 samples
+    records = [{"prompt": f"p{i % 4}", "category": "a" if i < 10 else "b", "sample": i // 4, "reward": float(i % 3),
+                "cost": c, "severe": c >= 10, "length": 2} for i, c in enumerate(costs)]
+    m = evaluate.policy_metrics(records, True)
+    assert m["mean_cost"] == pytest.approx(sum(costs) / 20)
+    assert m["safe_rate"] == pytest.approx(16 / 20)
+    assert m["cvar_cost_0.1"] == pytest.approx((10 + 3) / 2)  # the worst 2 of 20
+    assert m["cvar_cost_0.05"] == pytest.approx(10.0)  # the worst 1
+    # 15 samples: the worst 10 % is 1.5 samples, the boundary sample counts half
+    assert evaluate.cvar_of([10, 3, 2] + [0] * 12, 0.1) == pytest.approx((10 + 0.5 * 3) / 1.5)
+    assert m["severe_harm_rate"] == pytest.approx(1 / 20) and m["mean_length"] == 2
+    assert m["mean_reward"] == pytest.approx(sum(i % 3 for i in range(20)) / 20)
+    base = [dict(r, reward=1.0) for r in records]
+    wins = sum(1.0 if i % 3 > 1 else 0.5 if i % 3 == 1 else 0 for i in range(20)) / 20
+    assert evaluate.win_rate(records, base) == pytest.approx(wins)
+    cats = evaluate.per_category(records, True)
+    assert cats["a"]["mean_cost"] == pytest.approx(sum(costs[:10]) / 10)
+    assert evaluate.policy_metrics(records, False)["severe_harm_rate"] is None
+
+
+def test_generation_stops_at_eos_and_respects_the_limit(full_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(full_world, "sft"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(full_world, "sft"))
+    prompts = ["how do i cooking ?", "explain crime today ?"]
+    short = evaluate.sample_responses(model, tok, prompts, num_samples=8, max_new_tokens=2)
+    assert all(len(tok(r, add_special_tokens=False)["input_ids"]) <= 2 for rs in short for r in rs)
+    full = evaluate.sample_responses(model, tok, prompts, num_samples=8, max_new_tokens=40)
+    lengths = [len(r.split()) for rs in full for r in rs]
+    assert max(lengths) < 40 and all("<eos>" not in r and "<pad>" not in r for rs in full for r in rs)
+    greedy = evaluate.sample_responses(model, tok, prompts[:1], num_samples=1, do_sample=False, max_new_tokens=40)
+    assert greedy[0][0].startswith("step cooking")  # stopped at EOS, well within the limit
+
+
+def test_evaluate_writes_results_and_plots(trained, tiny_world, tmp_path):
+    out = str(tmp_path / "eval")
+    argv = ["--policies", os.path.join(tiny_world, "sft"), trained["reward"], os.path.join(trained["mix"], "q0.3"),
+            "--prompts", tiny_world, "--num_samples", "2", "--max_new_tokens", "8", "--max_prompts", "12",
+            "--kl_pairs", os.path.join(tiny_world, "test.jsonl"), "--out", out]
+    assert evaluate.main(argv) == 0
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert [r["policy"] for r in results] == ["sft", "reward", "q0.3"]
+    assert results[2]["q"] == 0.3 and results[0]["q"] is None
+    for r in results:
+        assert set(evaluate.RESULT_KEYS) <= set(r) and r["num_samples"] == 24
+        assert r["severe_harm_rate"] is not None and "seq_kl_chosen" in r and "categories" in r
+    assert results[0]["seq_kl_chosen"] == pytest.approx(0.0, abs=1e-6)  # the baseline against itself
+    for name in ("frontier.png", "reward_vs_cost.png", "category_cost.png", "report.md", "results.csv",
+                 "generations.jsonl", "pairs_vs_sft.jsonl"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    gens = [json.loads(line) for line in open(os.path.join(out, "generations.jsonl"))]
+    assert len(gens) == 3 * 24 and all(g["cost"] == toy.cost(g["prompt"], g["response"]) for g in gens)
+    pairs = [json.loads(line) for line in open(os.path.join(out, "pairs_vs_sft.jsonl"))]
+    assert len(pairs) == 2 * 24 and {p["policy_a"] for p in pairs} == {"sft", "reward", "q0.3"}
+
+
+def test_beaver_score_model_format(tmp_path):
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, architectures=["LlamaForScore"],
+                         pad_token_id=0, eos_token_id=1)
+    body = LlamaModel(config).eval()
+    head = torch.nn.Linear(16, 1, bias=False)
+    state = {f"model.{k}": v for k, v in body.state_dict().items()} | {"score_head.weight": head.weight.detach()}
+    path = tmp_path / "beaver"
+    path.mkdir()
+    config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    scorer = evaluate.load_score_model(str(path))
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])
+    attn = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        got = scorer(ids, attn)
+        hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state
+    want = torch.stack([head(hidden[0, 3]), head(hidden[1, 1])])[:, 0]  # read at the last non-pad token
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_pickle_checkpoint_is_refused(tmp_path, tiny_world):
+    """Weights load from safetensors only: a folder holding just a pickled pytorch_model.bin is refused."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    src = os.path.join(tiny_world, "sft")
+    bad = tmp_path / "pickled"
+    shutil.copytree(src, bad)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    os.remove(bad / "model.safetensors")
+    torch.save(model.state_dict(), bad / "pytorch_model.bin")
+    with pytest.raises(stage.UsageError, match="safetensors"):
+        stage.load_base_model(str(bad))

@@ -1,0 +1,152 @@
+"""The two stages: they learn, the safety stage's reference is the reward-stage policy, and the errors and the
+completeness marker behave."""
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import write_jsonl
+
+import data
+import train_reward_stage as stage
+import train_safety_stage
+
+FAST = ["--max_length", "48", "--max_prompt_length", "24", "--batch_size", "8", "--lora_r", "4", "--log_every", "5"]
+
+
+def subset(world, tmp_path, n=32, name="pairs.jsonl"):
+    with open(os.path.join(world, "train.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:n]
+    return write_jsonl(tmp_path / name, rows)
+
+
+def eval_records(folder):
+    with open(os.path.join(folder, stage.METRICS_FILE)) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "eval"]
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_world, tmp_path_factory):
+    """A reward stage and a safety stage on top of it, trained for a few steps on 32 pairs of the tiny world."""
+    tmp = tmp_path_factory.mktemp("stages")
+    pairs = subset(tiny_world, tmp)
+    reward = str(tmp / "reward")
+    assert stage.main(["--sft", os.path.join(tiny_world, "sft"), "--data", pairs, "--eval_data", pairs,
+                       "--eval_pairs", "32", "--out", reward, "--max_steps", "24", "--lr", "1e-2", *FAST]) == 0
+    safety = str(tmp / "safety")
+    assert train_safety_stage.main(["--reward_stage", reward, "--data", pairs, "--eval_data", pairs,
+                                    "--eval_pairs", "32", "--out", safety, "--max_steps", "8", "--lr", "1e-2",
+                                    *FAST]) == 0
+    return {"pairs": pairs, "reward": reward, "safety": safety, "tmp": tmp}
+
+
+def test_reward_stage_lowers_loss_and_raises_accuracy_on_training_pairs(stages):
+    first, last = eval_records(stages["reward"])[0], eval_records(stages["reward"])[-1]
+    assert first["step"] == 0 and last["step"] == 24
+    assert last["loss"] < first["loss"] - 0.05
+    assert last["rewards/accuracies"] > max(0.6, first["rewards/accuracies"])
+    for key in ("rewards_ra/margins", "logps/chosen", "kl/rejected", "risk/margins"):
+        assert key in last
+    with open(os.path.join(stages["reward"], stage.METRICS_FILE)) as f:
+        train_rec = [r for r in map(json.loads, f) if r["split"] == "train"][0]
+    for key in ("grad_norm", "lr", "tokens_per_s", "rewards/chosen", "risk/chosen"):
+        assert key in train_rec
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", stage.CONFIG_FILE,
+                 stage.COMPLETE_FILE):
+        assert os.path.exists(os.path.join(stages["reward"], name)), name
+
+
+def sequence_logps(model, batch):
+    """sum over response tokens of log pi(y_t), from a plain model with full logits (independent of risk.py)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logp = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logp * batch["response_mask"][:, 1:]).sum(-1)
+
+
+def test_safety_stage_reference_is_the_reward_policy(stages, tiny_world):
+    from peft import PeftModel
+
+    cfg = stage.read_stage(stages["safety"])
+    assert cfg["parent"] == os.path.abspath(stages["reward"]) and cfg["lambda"] == pytest.approx(10.0)
+    tok = stage.load_tokenizer(stages["safety"])
+    examples = data.tokenize_pairs(data.load_pairs(stages["pairs"], "safer")[:4], tok, 48, 24)
+    batch = data.collate(examples, tok.pad_token_id)
+    pi_r = stage.load_policy(stages["reward"])
+    pi_rs = stage.load_policy(stages["safety"])
+    sft = stage.load_base_model(os.path.join(tiny_world, "sft"))
+    # the safety stage's training model: the merged reward policy with the safety adapter on top
+    model = PeftModel.from_pretrained(stage.load_policy(stages["reward"]), stages["safety"])
+    args = stage.parse_args(["--reward_stage", "x", "--data", "x", "--out", "x", "--max_length", "48",
+                             "--max_prompt_length", "24"], "safety")
+    with torch.no_grad():
+        logratio = stage.batch_terms(model, batch, args)[0]
+        again = stage.batch_terms(model, batch, args)[0]
+    want = sequence_logps(pi_rs, batch) - sequence_logps(pi_r, batch)
+    assert torch.allclose(logratio, want, atol=1e-4)  # reference = pi_r
+    assert torch.equal(logratio, again)  # deterministic
+    against_sft = sequence_logps(pi_rs, batch) - sequence_logps(sft, batch)
+    assert not torch.allclose(logratio, against_sft, atol=1e-2)  # and not the SFT model
+    assert want.abs().max() > 1e-3  # the safety adapter did move the policy
+
+
+def test_complete_output_is_reused_and_a_different_config_refused(stages, capsys):
+    base = ["--reward_stage", stages["reward"], "--data", stages["pairs"], "--eval_data", stages["pairs"],
+            "--eval_pairs", "32", *FAST]
+    argv = base + ["--out", stages["safety"], "--max_steps", "8", "--lr", "1e-2"]
+    before = os.path.getmtime(os.path.join(stages["safety"], "adapter_model.safetensors"))
+    assert train_safety_stage.main(argv) == 0
+    assert "already complete with this config; nothing to do" in capsys.readouterr().out
+    assert train_safety_stage.main(argv + ["--lr", "2e-2"]) == 2
+    err = capsys.readouterr().err
+    assert "different config (differs in: lr)" in err and "--overwrite" in err
+    assert os.path.getmtime(os.path.join(stages["safety"], "adapter_model.safetensors")) == before
+    out = str(stages["tmp"] / "safety2")
+    assert train_safety_stage.main(base + ["--out", out, "--max_steps", "2"]) == 0
+    assert train_safety_stage.main(base + ["--out", out, "--max_steps", "3", "--overwrite"]) == 0
+    assert json.load(open(os.path.join(out, stage.COMPLETE_FILE)))["steps"] == 3
+
+
+def test_errors_before_training(stages, tiny_world, full_world, tmp_path, capsys):
+    sft = os.path.join(tiny_world, "sft")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    json.dump({"stage": "reward"}, open(unfinished / stage.CONFIG_FILE, "w"))
+    no_safer = [{k: v for k, v in json.loads(line).items() if k != "safer_response_id"}
+                for line in open(stages["pairs"])]
+    no_safer_file = write_jsonl(tmp_path / "no_safer.jsonl", no_safer)
+    cases = [
+        (train_safety_stage.main, ["--reward_stage", str(tmp_path / "missing"), "--data", stages["pairs"]],
+         "no such stage output folder"),
+        (train_safety_stage.main, ["--reward_stage", str(unfinished), "--data", stages["pairs"]], "did not finish"),
+        (train_safety_stage.main, ["--reward_stage", stages["reward"], "--sft", os.path.join(full_world, "sft"),
+                                   "--data", stages["pairs"]], "is not the base model"),
+        (train_safety_stage.main, ["--reward_stage", stages["reward"], "--data", no_safer_file],
+         "missing field 'safer_response_id'"),
+        (stage.main, ["--sft", sft, "--data", stages["pairs"], "--loss", "dpo", "--risk_measure", "cvar"],
+         "--risk_measure has no effect with --loss dpo"),
+        (stage.main, ["--sft", sft, "--data", stages["pairs"], "--risk_measure", "cvar", "--split_vocab"],
+         "--split_vocab applies to --risk_measure cvar_radpo only"),
+        (stage.main, ["--sft", sft, "--data", stages["pairs"], "--risk_measure", "cvar", "--risk_level", "1.5"],
+         "(0, 1]"),
+        (stage.main, ["--sft", sft, "--data", stages["pairs"], "--max_length", "16", "--max_prompt_length", "16"],
+         "must be smaller than --max_length"),
+        (stage.main, ["--sft", str(tmp_path / "nomodel"), "--data", stages["pairs"]], "no such model folder"),
+    ]
+    for main, argv, message in cases:
+        out = str(tmp_path / "out")
+        assert main(argv + ["--out", out]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (message, err)
+        assert not os.path.exists(out)
+
+
+def test_parity_preset_and_baselines_are_settings():
+    a = stage.parse_args(["--sft", "s", "--data", "d", "--out", "o", "--radpo_parity"])
+    assert (a.loss, a.risk_measure, a.risk_level, a.split_vocab, a.loss_reduction, a.lr) == \
+        ("ra_dpo1", "cvar_radpo", 0.95, True, "sum", 5e-6)
+    b = stage.parse_args(["--sft", "s", "--data", "d", "--out", "o", "--radpo_parity", "--lr", "1e-4"])
+    assert b.lr == 1e-4  # an explicit flag wins over the preset
+    assert stage.parse_args(["--reward_stage", "r", "--data", "d", "--out", "o"], "safety").beta == 0.01
+    assert stage.parse_args(["--reward_stage", "r", "--data", "d", "--out", "o"], "safety").preference == "safer"
