@@ -1,12 +1,13 @@
 # make test   ruff + pytest (creates .venv and installs requirements.txt if needed)
 # make demo   the whole RSA pipeline on the toy world, into runs/demo
+# make study  RSA against SACPO and TDPO on the toy world, 3 seeds (about an hour; not in CI)
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint install demo
+.PHONY: test lint install demo study
 
 install: $(STAMP)
 
@@ -23,3 +24,6 @@ test: lint
 
 demo: $(STAMP)
 	PY=$(PY) bash demo.sh
+
+study: $(STAMP)
+	$(PY) study.py --out runs/study

@@ -395,7 +395,7 @@ def main(argv=None):
         if len(set(names)) != len(names):
             raise UsageError(f"policy folder names must be distinct (they name the results): {names}")
         for p in args.policies:
-            if not os.path.isdir(p):
+            if not os.path.isdir(p) and not stage.is_hub_name(p):
                 raise UsageError(f"{p}: no such policy folder")
         prompts = load_prompt_set(args.prompts, args.prompts_split)
         if args.max_prompts:

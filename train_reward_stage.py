@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -166,12 +167,17 @@ def model_source(path, gguf_file=None):
     return path, gguf_file
 
 
+def is_hub_name(path):
+    """A Hugging Face hub id such as `org/name` (for paths that do not exist locally)."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
+
+
 def load_base_model(path, gguf_file=None, trust_remote_code=False):
     """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), fp32."""
     from transformers import AutoModelForCausalLM
 
     path, gguf_file = model_source(path, gguf_file)
-    if (os.path.sep in path or path.startswith(".")) and not os.path.exists(path):
+    if not os.path.exists(path) and not is_hub_name(path):
         raise UsageError(f"{path}: no such model folder")
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
     if gguf_file:
