@@ -20,12 +20,14 @@ Baselines are settings: DPO (--loss dpo), TDPO (--risk_measure expectation), the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -38,7 +40,7 @@ import risk
 
 CONFIG_FILE, COMPLETE_FILE, METRICS_FILE = "rsa_config.json", "complete.json", "metrics.jsonl"
 # Settings that do not change what a run computes: a re-run that differs only in these is the same run.
-NOT_PART_OF_RUN = {"overwrite", "log_every", "out"}
+NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every"}
 # The Ra-DPO authors' code defaults (math.md Sec. 4), for parity with their published numbers.
 RADPO_PARITY = dict(loss="ra_dpo1", risk_measure="cvar_radpo", risk_level=0.95, split_vocab=True,
                     loss_reduction="sum", lr=5e-6)
@@ -65,6 +67,9 @@ def build_parser(stage="reward"):
                        help="output folder of train_reward_stage.py: the policy pi_r this stage starts from and "
                             "keeps, frozen, as its reference")
         g.add_argument("--sft", default=None, help="optional: the SFT model the reward stage should sit on (checked)")
+        g.add_argument("--reference_mode", default="merge", choices=("merge", "stack"),
+                       help="merge: stage 1 merged into the base in full precision, a new adapter on top; stack: "
+                            "stage 1 kept as a frozen adapter under the new one (always so with --load_in_4bit)")
     else:
         g.add_argument("--sft", required=True, help="SFT model: a local folder, a hub name, or a .gguf file")
     g.add_argument("--gguf_file", default=None, help="name of a .gguf file inside --sft (or pass its path as --sft)")
@@ -117,10 +122,22 @@ def build_parser(stage="reward"):
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--chunk_size", type=int, default=256, help="response positions per chunk of vocabulary terms")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--skip_nonfinite", action="store_true",
+                   help="skip a batch whose loss or gradient is not finite (counted) instead of stopping the run")
+    g = p.add_argument_group("compute")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on those that do not "
+                        "(T4, V100), fp32 on a CPU")
+    g.add_argument("--load_in_4bit", action="store_true",
+                   help="QLoRA: the base in 4-bit nf4 with bf16 compute (needs CUDA and bitsandbytes)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (non-reentrant)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run with a different config")
     g.add_argument("--log_every", type=int, default=10, help="steps between log lines / metrics.jsonl records")
+    g.add_argument("--save_every", type=int, default=50,
+                   help="steps between checkpoints (weights, optimizer, scheduler, RNG, data position); 0: none")
+    g.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
     g.add_argument("--eval_every", type=int, default=100, help="steps between held-out evaluations")
     return p
 
@@ -148,6 +165,11 @@ def parse_args(argv, stage="reward"):
             risk.check_measure(args.risk_measure, args.risk_level)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.load_in_4bit and not torch.cuda.is_available():
+        raise UsageError("--load_in_4bit (QLoRA, nf4) needs a CUDA GPU and bitsandbytes; this machine has no CUDA "
+                         "device: drop the flag to train in full precision on the CPU")
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
     if args.max_prompt_length >= args.max_length:
         raise UsageError(f"--max_prompt_length ({args.max_prompt_length}) must be smaller than --max_length "
                          f"({args.max_length})")
@@ -172,14 +194,22 @@ def is_hub_name(path):
     return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
 
 
-def load_base_model(path, gguf_file=None, trust_remote_code=False):
-    """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), fp32."""
+def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=False):
+    """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), fp32 (or
+    4-bit nf4 with bf16 compute for QLoRA, on CUDA)."""
     from transformers import AutoModelForCausalLM
 
     path, gguf_file = model_source(path, gguf_file)
     if not os.path.exists(path) and not is_hub_name(path):
         raise UsageError(f"{path}: no such model folder")
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     else:
@@ -206,15 +236,33 @@ def load_tokenizer(path, gguf_file=None, trust_remote_code=False):
     return tok
 
 
-def add_lora(model, args):
-    from peft import LoraConfig, get_peft_model
+def lora_config(args):
+    from peft import LoraConfig
 
     targets = args.lora_target_modules
     targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def prepare_base(model, args):
+    """Gradient checkpointing (non-reentrant) and the k-bit preparation of QLoRA, before adapters are added."""
+    if args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_lora(model, args):
+    from peft import get_peft_model
+
+    torch.manual_seed(args.seed)  # the adapter's initialisation is part of the run, whatever ran before
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(prepare_base(model, args), lora_config(args))
     except ValueError as e:
         raise UsageError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
 
@@ -249,9 +297,9 @@ def load_policy(folder, trust_remote_code=False):
 def fingerprint(model):
     """What must agree for two checkpoints to share a base: architecture and shapes."""
     c = model.config
-    return {"model_type": c.model_type, "vocab_size": c.vocab_size,
-            "hidden_size": getattr(c, "hidden_size", None), "num_hidden_layers": getattr(c, "num_hidden_layers", None),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads")
+    return {"model_type": c.model_type, **{k: getattr(c, k, None) for k in keys}}
 
 
 def backbone_and_head(model):
@@ -263,13 +311,36 @@ def backbone_and_head(model):
 # ---------------------------------------------------------------------------------------------- one batch
 
 
+@contextlib.contextmanager
+def reference_context(model):
+    """The reference is the same weights with the trained adapter off: the SFT model in the reward stage, the
+    merged pi_r in the safety stage; with stacked adapters (QLoRA safety stage), only the frozen reward adapter."""
+    frozen = getattr(model, "rsa_reference_adapter", None)
+    if frozen is None:
+        with model.disable_adapter():
+            yield
+        return
+    model.base_model.set_adapter(frozen)
+    try:
+        yield
+    finally:
+        model.base_model.set_adapter([frozen, "default"])
+        freeze_adapter(model, frozen)
+
+
+def freeze_adapter(model, name):
+    for n, p in model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(False)
+
+
 def batch_terms(model, batch, args, with_reference=True):
     """Per-sequence (logratio, kl, risk, logps) for a collated batch (chosen rows first), from one policy forward
     and one reference forward (the same weights with the adapter off)."""
     body, head = backbone_and_head(model)
     ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), reference_context(model):
         ref_hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state
     ref_head = getattr(head, "base_layer", head)  # LoRA on the head: the reference uses the frozen base layer
     measure = None if args.loss == "dpo" else args.risk_measure
@@ -302,13 +373,14 @@ def batch_loss(model, batch, args):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, examples, args, pad_id):
+def evaluate_pairs(model, examples, args, pad_id, device="cpu"):
     """Mean metrics over held-out pairs (weighted by pairs)."""
     model.eval()
     totals, count = {}, 0
     for start in range(0, len(examples), args.batch_size):
         chunk = examples[start: start + args.batch_size]
-        _, m = batch_loss(model, data.collate(chunk, pad_id), args)
+        batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
+        _, m = batch_loss(model, batch, args)
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + v * len(chunk)
         count += len(chunk)
@@ -385,70 +457,257 @@ def prepare_data(args, tokenizer):
     return train, held
 
 
-def train(model, tokenizer, args, cfg, train_examples, eval_examples):
-    """The training loop shared by both stages: AdamW, warmup then decay, accumulation, clipping, logging,
-    held-out evaluation, and an atomic save. `model` is a peft model whose disabled adapter is the reference."""
-    out, tmp = args.out, args.out.rstrip("/") + ".tmp"
+class Runtime:
+    """Where and how a run computes: device, mixed precision, and (under `accelerate launch` / torchrun) the
+    process group. Gradients of the LoRA parameters are all-reduced by hand, so every rank's step equals one
+    process stepping on the whole global batch."""
+
+    def __init__(self, args):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        cuda = torch.cuda.is_available()
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        precision = args.precision
+        if precision == "auto":
+            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        if precision == "fp16" and not cuda:
+            raise UsageError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
+        self.precision = precision
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def all_reduce(self, tensor, op="mean"):
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+            if op == "mean":
+                tensor /= self.world
+        return tensor
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def fault(point, step):
+    """Test-only fault injection: RSA_FAULT=point@step kills this process with SIGKILL there (nan_loss@step makes
+    that step's loss NaN instead). Deterministic, unlike killing on a timer."""
+    if os.environ.get("RSA_FAULT") != f"{point}@{step}":
+        return False
+    if point == "nan_loss":
+        return True
+    os.kill(os.getpid(), signal.SIGKILL)
+    return False
+
+
+def _fsync_write(path, write):
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(work, step, model, opt, sched, rt, cfg, state):
+    """checkpoints/step-N: trainable weights (safetensors), optimizer, scheduler and RNG state (weights-only
+    loadable), the run config, and a completeness marker written last; then renamed into place. Older checkpoints
+    are removed once the new one is complete."""
+    from safetensors.torch import save
+
+    root = os.path.join(work, "checkpoints")
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    _fsync_write(os.path.join(tmp, "trainable.safetensors"), lambda f: f.write(save(weights)))
+    fault("mid_checkpoint", step)
+    trainer = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+               "torch_rng": torch.get_rng_state(), **state}
+    if torch.cuda.is_available():
+        trainer["cuda_rng"] = torch.cuda.get_rng_state()
+    _fsync_write(os.path.join(tmp, "trainer_state.pt"), lambda f: torch.save(trainer, f))
+    _fsync_write(os.path.join(tmp, CONFIG_FILE), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+    _fsync_write(os.path.join(tmp, COMPLETE_FILE), lambda f: f.write(b"{}"))
+    os.replace(tmp, final)
+    for old in os.listdir(root):
+        if old != os.path.basename(final):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def latest_checkpoint(work):
+    """The newest complete checkpoint folder in a work folder, or None (incomplete ones are ignored)."""
+    root = os.path.join(work, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root)
+                  if d.startswith("step-") and not d.endswith(".tmp") and os.path.exists(os.path.join(root, d,
+                                                                                                      COMPLETE_FILE)))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_checkpoint(path, model, opt, sched, cfg):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        if json.load(f) != cfg:
+            raise UsageError(f"{path}: the checkpoint was made with a different config; rerun with the same flags "
+                             "or pass --overwrite to start over")
+    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    opt.load_state_dict(trainer["optimizer"])
+    sched.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["torch_rng"])
+    if "cuda_rng" in trainer and torch.cuda.is_available():
+        torch.cuda.set_rng_state(trainer["cuda_rng"])
+    return trainer
+
+
+def global_batches(n_examples, args, world, rank, start):
+    """Micro-batches for this rank from global micro-batch `start` on. The order is a fixed function of the seed
+    and the epoch (not of the batch size or the number of processes), so a resumed run sees what an uninterrupted
+    one would, and R ranks x B pairs see what one process with R x B pairs would."""
+    size = args.batch_size * world
+    per_epoch = max(1, n_examples // size)
+    m = start
+    while True:
+        epoch, k = divmod(m, per_epoch)
+        order = list(range(n_examples))
+        random.Random(args.seed * 100003 + epoch).shuffle(order)
+        batch = order[k * size: (k + 1) * size]
+        yield batch[rank * args.batch_size: (rank + 1) * args.batch_size]
+        m += 1
+
+
+def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt=None):
+    """The training loop shared by both stages: AdamW, warmup then decay, accumulation, clipping, mixed precision,
+    logging, held-out evaluation, periodic checkpoints with exact resume, and an atomic final save.
+    `model` is a peft model whose disabled adapter is the reference."""
+    rt = rt or Runtime(args)
+    out, work = args.out, args.out.rstrip("/") + ".tmp"
     pad = tokenizer.pad_token_id
-    per_epoch = math.ceil(len(train_examples) / args.batch_size)
-    total = args.max_steps or max(1, math.ceil(args.epochs * per_epoch / args.grad_accum))
+    size = args.batch_size * rt.world
+    total = args.max_steps or max(1, math.ceil(args.epochs * max(1, len(train_examples) // size) / args.grad_accum))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
-    print(f"[train] {cfg['stage']} stage: {len(train_examples)} pairs, {total} steps of {args.batch_size} x "
-          f"{args.grad_accum} pairs; loss {args.loss}"
-          + ("" if args.loss == "dpo" else f" ({args.risk_measure}, level {args.risk_level})")
-          + f", beta {args.beta}", flush=True)
-
-    def batches():
-        while True:
-            order = list(range(len(train_examples)))
-            rng.shuffle(order)
-            for s in range(0, len(order), args.batch_size):
-                yield [train_examples[i] for i in order[s: s + args.batch_size]]
-
-    log = open(os.path.join(tmp, METRICS_FILE), "w")
+    torch.manual_seed(args.seed)
+    ckpt = latest_checkpoint(work) if os.path.exists(work) else None
+    first_step, skipped = 1, 0
+    if ckpt and args.resume:
+        trainer = load_checkpoint(ckpt, model, opt, sched, cfg)
+        first_step, skipped = trainer["step"] + 1, trainer["skipped"]
+        if rt.main:
+            print(f"[train] resuming from {ckpt} (step {trainer['step']})", flush=True)
+            with open(os.path.join(work, METRICS_FILE)) as f:  # drop records of steps after the checkpoint
+                kept = [line for line in f if json.loads(line)["step"] <= trainer["step"]]
+            with open(os.path.join(work, METRICS_FILE), "w") as f:
+                f.writelines(kept)
+    else:
+        if ckpt and not args.overwrite:
+            raise UsageError(f"{work}: holds an unfinished run with a checkpoint at {os.path.basename(ckpt)}; "
+                             "pass --resume to continue it or --overwrite to start over")
+        if args.resume and rt.main:
+            print("[train] --resume: no complete checkpoint found; starting from step 0", flush=True)
+        rt.barrier()
+        if rt.main:
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(work)
+        rt.barrier()
+    if rt.main:
+        print(f"[train] {cfg['stage']} stage: {len(train_examples)} pairs, {total} steps of {args.batch_size} x "
+              f"{args.grad_accum} pairs x {rt.world} process(es); loss {args.loss}"
+              + ("" if args.loss == "dpo" else f" ({args.risk_measure}, level {args.risk_level})")
+              + f", beta {args.beta}; {rt.precision} on {rt.device}", flush=True)
+    log = open(os.path.join(work, METRICS_FILE), "a") if rt.main else None
 
     def record(step, split, metrics):
         log.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
         log.flush()
 
     def run_eval(step):
-        if eval_examples:
-            m = evaluate_pairs(model, eval_examples, args, pad)
-            record(step, "eval", m)
-            print(f"[eval] step {step}: loss {m['loss']:.4f}, reward accuracy {m['rewards/accuracies']:.3f}, "
-                  f"margin {m['rewards/margins']:.4f}, kl chosen {m['kl/chosen']:.4f} / rejected "
-                  f"{m['kl/rejected']:.4f}", flush=True)
-            return m
-        return None
+        result = None
+        if rt.main and eval_examples:
+            with rt.autocast():
+                result = evaluate_pairs(model, eval_examples, args, pad, rt.device)
+            record(step, "eval", result)
+            tqdm.write(f"[eval] step {step}: loss {result['loss']:.4f}, reward accuracy "
+                       f"{result['rewards/accuracies']:.3f}, margin {result['rewards/margins']:.4f}, kl chosen "
+                       f"{result['kl/chosen']:.4f} / rejected {result['kl/rejected']:.4f}", file=sys.stdout)
+        rt.barrier()
+        return result
 
-    final_eval = run_eval(0)
+    final_eval = run_eval(0) if first_step == 1 else None
     model.train()
-    stream = batches()
+    stream = global_batches(len(train_examples), args, rt.world, rt.rank, (first_step - 1) * args.grad_accum)
     window, start = [], time.time()
-    bar = tqdm(range(1, total + 1), desc=f"{cfg['stage']} stage", file=sys.stdout, mininterval=1)
+    bar = tqdm(range(first_step, total + 1), desc=f"{cfg['stage']} stage", file=sys.stdout, mininterval=1,
+               disable=not rt.main, initial=first_step - 1, total=total)
     for step in bar:
         t0, tokens, step_metrics = time.time(), 0, []
         for _ in range(args.grad_accum):
-            batch = data.collate(next(stream), pad)
-            loss, m = batch_loss(model, batch, args)
-            (loss / args.grad_accum).backward()
+            batch = data.collate([train_examples[i] for i in next(stream)], pad)
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            with rt.autocast():
+                loss, m = batch_loss(model, batch, args)
+            if fault("nan_loss", step):
+                loss = loss * float("nan")
+                m["loss"] = float("nan")
+            loss = loss / args.grad_accum
+            (rt.scaler.scale(loss) if rt.scaler else loss).backward()
+            fault("mid_step", step)
             tokens += int(batch["attention_mask"].sum())
             step_metrics.append(m)
+        for p in params:  # data parallel: average (or, for a summed loss, add) the gradients of all ranks
+            if p.grad is not None:
+                rt.all_reduce(p.grad, "sum" if args.loss_reduction == "sum" else "mean")
+        if rt.scaler:
+            rt.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
         m = {k: sum(x[k] for x in step_metrics) / len(step_metrics) for k in step_metrics[0]}
-        m.update({"grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "tokens_per_s": tokens / (time.time() - t0)})
+        finite = math.isfinite(m["loss"]) and math.isfinite(grad_norm)
+        if not finite and rt.scaler is None:
+            if not args.skip_nonfinite:
+                last = latest_checkpoint(work)
+                raise UsageError(f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step "
+                                 f"{step}; " + (f"the last good checkpoint is {last}: fix the cause (e.g. a lower "
+                                                "--lr) and rerun with --resume" if last else
+                                                "no checkpoint yet (see --save_every)")
+                                 + "; or pass --skip_nonfinite to skip such batches")
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            tqdm.write(f"[train] step {step}: non-finite loss or gradient; batch skipped ({skipped} so far)",
+                       file=sys.stdout)
+        else:
+            if rt.scaler:
+                rt.scaler.step(opt)  # skips the step itself when the scaled gradients overflowed
+                rt.scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        m.update({"grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+                  "tokens_per_s": tokens * rt.world / (time.time() - t0)})
+        keys = sorted(m)
+        m = dict(zip(keys, rt.all_reduce(torch.tensor([m[k] for k in keys], dtype=torch.float64)).tolist()))
         window.append(m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}", refresh=False)
-        if step % args.log_every == 0 or step == total:
+        if rt.main and (step % args.log_every == 0 or step == total):
             avg = {k: sum(x[k] for x in window) / len(window) for k in window[0]}
             record(step, "train", avg)
             tqdm.write(f"[train] step {step}/{total}: loss {avg['loss']:.4f}, acc {avg['rewards/accuracies']:.3f}, "
@@ -458,19 +717,28 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples):
             window = []
         if step % args.eval_every == 0 and step != total:
             run_eval(step)
+        if args.save_every and step % args.save_every == 0 and step != total:
+            if rt.main:
+                save_checkpoint(work, step, model, opt, sched, rt, cfg, {"skipped": skipped})
+            rt.barrier()
     bar.close()
     final_eval = run_eval(total) or final_eval
-    log.close()
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-        json.dump(cfg, f, indent=1)
-    with open(os.path.join(tmp, COMPLETE_FILE), "w") as f:  # written last: the completeness marker
-        json.dump({"steps": total, "seconds": round(time.time() - start, 1), "final_eval": final_eval}, f, indent=1)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    print(f"[train] saved {cfg['stage']} stage to {out}", flush=True)
+    if rt.main:
+        log.close()
+        model.save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
+        with open(os.path.join(work, CONFIG_FILE), "w") as f:
+            json.dump(cfg, f, indent=1)
+        shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
+        with open(os.path.join(work, COMPLETE_FILE), "w") as f:  # written last: the completeness marker
+            json.dump({"steps": total, "seconds": round(time.time() - start, 1), "nonfinite_skipped": skipped,
+                       "final_eval": final_eval}, f, indent=1)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(work, out)
+        print(f"[train] saved {cfg['stage']} stage to {out}" + (f" ({skipped} non-finite batches skipped)"
+                                                               if skipped else ""), flush=True)
+    rt.barrier()
     return final_eval
 
 
@@ -479,15 +747,16 @@ def main(argv=None):
         args = parse_args(argv, "reward")
         cfg_args = {"base_model": args.sft, "gguf_file": args.gguf_file, "parent": None, "reference": "sft",
                     "order": "H->S" if args.preference == "better" else "S->H"}
-        base = load_base_model(args.sft, args.gguf_file, args.trust_remote_code)
+        rt = Runtime(args)
+        base = load_base_model(args.sft, args.gguf_file, args.trust_remote_code, args.load_in_4bit)
         tokenizer = load_tokenizer(args.sft, args.gguf_file, args.trust_remote_code)
         cfg = run_config(args, "reward", {**cfg_args, "base_fingerprint": fingerprint(base)})
         if check_output(args.out, cfg, args.overwrite):
             print(f"[train] {args.out}: already complete with this config; nothing to do")
             return 0
         train_examples, eval_examples = prepare_data(args, tokenizer)
-        model = add_lora(base, args)
-        train(model, tokenizer, args, cfg, train_examples, eval_examples)
+        model = add_lora(base, args).to(rt.device)
+        train(model, tokenizer, args, cfg, train_examples, eval_examples, rt)
     except UsageError as e:
         print(f"train_reward_stage.py: error: {e}", file=sys.stderr)
         return 2

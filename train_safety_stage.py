@@ -17,8 +17,32 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
 import train_reward_stage as stage
 from train_reward_stage import UsageError
+
+
+def stacked_model(args, parent):
+    """Stage 1 kept as a frozen adapter ("reward", dropout off) under a new trainable one ("default"): the QLoRA
+    path, where merging into 4-bit weights would be lossy. The reference switches the new adapter off."""
+    from peft import PeftModel
+
+    if parent.get("parent"):
+        raise UsageError("--reference_mode stack supports a reward stage trained directly on its base model")
+    base = stage.load_base_model(parent["base_model"], parent.get("gguf_file"), args.trust_remote_code,
+                                 args.load_in_4bit)
+    base = stage.prepare_base(base, args)
+    model = PeftModel.from_pretrained(base, args.reward_stage, adapter_name="reward", is_trainable=False)
+    for module in model.modules():  # a deterministic reference: no dropout in the frozen adapter
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    torch.manual_seed(args.seed)
+    model.add_adapter("default", stage.lora_config(args))
+    model.base_model.set_adapter(["reward", "default"])
+    stage.freeze_adapter(model, "reward")
+    model.rsa_reference_adapter = "reward"
+    return model
 
 
 def main(argv=None):
@@ -37,17 +61,23 @@ def main(argv=None):
             "base_model": parent["base_model"], "gguf_file": parent.get("gguf_file"),
             "base_fingerprint": parent["base_fingerprint"], "parent": os.path.abspath(args.reward_stage),
             "parent_config": parent, "reference": "reward-stage policy (stage 1 merged in full precision)",
-            "order": parent["order"], "lambda": beta_r / args.beta})
+            "order": parent["order"], "lambda": beta_r / args.beta,
+            "reference_mode": "stack" if args.load_in_4bit else args.reference_mode})
         if stage.check_output(args.out, cfg, args.overwrite):
             print(f"[train] {args.out}: already complete with this config; nothing to do")
             return 0
         print(f"[train] safety stage on {args.reward_stage}: beta_s = {args.beta} with beta_r = {beta_r}, "
               f"so lambda = beta_r / beta_s = {beta_r / args.beta:g}", flush=True)
-        pi_r = stage.load_policy(args.reward_stage, args.trust_remote_code)  # merged: the frozen reference
+        rt = stage.Runtime(args)
         tokenizer = stage.load_tokenizer(args.reward_stage)
         train_examples, eval_examples = stage.prepare_data(args, tokenizer)
-        model = stage.add_lora(pi_r, args)
-        stage.train(model, tokenizer, args, cfg, train_examples, eval_examples)
+        if args.load_in_4bit or args.reference_mode == "stack":
+            model = stacked_model(args, parent)
+        else:
+            pi_r = stage.load_policy(args.reward_stage, args.trust_remote_code)  # merged: the frozen reference
+            model = stage.add_lora(pi_r, args)
+        stage.train(model.to(rt.device) if not args.load_in_4bit else model, tokenizer, args, cfg, train_examples,
+                    eval_examples, rt)
     except UsageError as e:
         print(f"train_safety_stage.py: error: {e}", file=sys.stderr)
         return 2
