@@ -342,7 +342,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         build(args.out, args.size, args.seed, args.overwrite)
-    except (FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"toy.py: error: {e}", file=sys.stderr)
         return 2
     return 0

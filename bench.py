@@ -1,0 +1,237 @@
+"""Speed and memory of the token-level risk terms and of a training step (not run in CI).
+
+    python bench.py                 # about 10 minutes on 2 CPU cores; writes bench/bench.json and bench/bench.md
+    python bench.py --quick         # smaller shapes, for a quick look
+
+Every time is a ratio against a baseline measured in the same process (one warm-up, then the median of
+--repeats); every peak memory comes from a subprocess of its own per configuration (a process's peak RSS never goes
+down), reported as the growth of peak RSS over the RSS once the inputs exist.
+
+1. Risk terms at (N, T, V) = (16, 256, 32000), fp32, forward + backward, starting from final hidden states and an
+   output projection: sequential_kl and sequential_risk_ratio (cvar_radpo, cvar, erm) on full logits ("full") and
+   through the chunked risk.sequence_terms ("chunked"), against a transcription of the Ra-DPO authors' code
+   (full tensors, torch.quantile).
+2. A training step of our loop (LoRA r 16, all linear layers) on a randomly initialised ~10M-parameter Llama with a
+   32000 vocabulary, 8 pairs x 256 tokens: dpo against ra_dpo2 with each measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import risk
+
+HIDDEN = 256
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------- 1. risk terms
+
+
+def authors_transcription(policy_logits, reference_logits, mask, level):
+    """The Ra-DPO code's _radpo_get_batch_logps / _calculate_cvar (no split), on full (N, T, V) tensors."""
+    logps = policy_logits.float().log_softmax(-1)
+    ref_ps = reference_logits.float().softmax(-1)
+    ref_logps = ref_ps.log()
+    d = ref_logps - logps
+    var = torch.quantile(d, 1 - level, dim=-1).unsqueeze(-1)
+    cvar = (ref_ps * d * (d > var).float()).sum(-1)
+    return (cvar * mask).sum(-1)
+
+
+def risk_inputs(n, t, v):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, t, HIDDEN, generator=g)
+    ref_hidden = torch.randn(n, t, HIDDEN, generator=g)
+    head = torch.nn.Linear(HIDDEN, v, bias=False)
+    ref_head = torch.nn.Linear(HIDDEN, v, bias=False)
+    labels = torch.randint(0, v, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    mask[:, : t // 4] = False  # a prompt
+    return hidden, ref_hidden, head, ref_head, labels, mask
+
+
+RISK_CONFIGS = ["baseline/quantile_cvar_radpo", *[f"{path}/{m}" for path in ("full", "chunked")
+                                                  for m in ("kl", "cvar_radpo", "cvar", "erm")]]
+LEVELS = {"kl": None, "cvar_radpo": 0.95, "cvar": 0.25, "erm": 2.0}
+
+
+def risk_step(config, inputs):
+    hidden, ref_hidden, head, ref_head, labels, mask = inputs
+    h = hidden.detach().requires_grad_(True)
+    path, measure = config.split("/")
+    if path == "baseline":
+        with torch.no_grad():
+            ref_logits = ref_head(ref_hidden)
+        out = authors_transcription(head(h), ref_logits, mask, 0.95)
+    elif path == "full":
+        with torch.no_grad():
+            ref_logits = ref_head(ref_hidden)
+        logits = head(h)
+        out = (risk.sequential_kl(logits, ref_logits, mask) if measure == "kl" else
+               risk.sequential_risk_ratio(logits, ref_logits, mask, measure, LEVELS[measure]))
+    else:
+        res = risk.sequence_terms(h, ref_hidden, head, ref_head, labels, mask,
+                                  None if measure == "kl" else measure, LEVELS[measure], chunk_size=256)
+        out = res[1] if measure == "kl" else res[2]
+    out.sum().backward()
+    head.weight.grad = None
+    return h.grad
+
+
+# ---------------------------------------------------------------------------------------------- 2. training step
+
+
+STEP_CONFIGS = ["dpo", "ra_dpo2/expectation", "ra_dpo2/cvar_radpo", "ra_dpo2/cvar", "ra_dpo2/erm"]
+
+
+def step_setup(pairs, length):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import train_reward_stage as stage
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=344, max_position_embeddings=length,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    args = stage.parse_args(["--sft", "x", "--data", "x", "--out", "x", "--max_length", str(length),
+                             "--max_prompt_length", str(length // 4)])
+    model = stage.add_lora(model, args)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32000, (2 * pairs, length), generator=g)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, length // 4:] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, args, batch, opt, n_params
+
+
+def train_step(config, setup):
+    model, args, batch, opt, _ = setup
+    loss_name, _, measure = config.partition("/")
+    args.loss, args.risk_measure = loss_name, measure or "expectation"
+    args.risk_level = {"expectation": None, "cvar_radpo": 0.95, "cvar": 0.25, "erm": 2.0}.get(measure)
+    import train_reward_stage as stage
+
+    loss, _ = stage.batch_loss(model, batch, args)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def one(kind, config, shape):
+    """Run one configuration once in this (fresh) process and report its memory."""
+    if kind == "risk":
+        inputs = risk_inputs(*shape)
+        before = rss_mb()
+        risk_step(config, inputs)
+    else:
+        setup = step_setup(*shape)
+        before = rss_mb()
+        train_step(config, setup)
+    print(json.dumps({"rss_before_mb": before, "peak_mb": peak_mb(), "growth_mb": peak_mb() - before}))
+
+
+def memory(kind, config, shape):
+    out = subprocess.run([sys.executable, __file__, "--one", kind, config, "--shape", *map(str, shape)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="(4, 128, 32000) risk terms, 2 pairs x 128 tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench")
+    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--shape", nargs="+", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.one:
+        one(args.one[0], args.one[1], args.shape)
+        return 0
+    risk_shape = (4, 128, 32000) if args.quick else (16, 256, 32000)
+    step_shape = (2, 128) if args.quick else (8, 256)
+    results = {"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}", "risk_shape": risk_shape,
+               "step_shape": {"pairs": step_shape[0], "tokens": step_shape[1]}, "risk": {}, "step": {}}
+    inputs = risk_inputs(*risk_shape)
+    for config in RISK_CONFIGS:
+        sec = timed(lambda c=config: risk_step(c, inputs), args.repeats)
+        results["risk"][config] = {"seconds": sec, **memory("risk", config, risk_shape)}
+        print(f"[bench] risk {config}: {sec:.2f} s, peak growth {results['risk'][config]['growth_mb']:.0f} MB",
+              flush=True)
+    setup = step_setup(*step_shape)
+    results["step"]["parameters"] = setup[4]
+    for config in STEP_CONFIGS:
+        sec = timed(lambda c=config: train_step(c, setup), args.repeats)
+        results["step"][config] = {"seconds": sec, **memory("step", config, step_shape)}
+        print(f"[bench] step {config}: {sec:.2f} s, peak growth {results['step'][config]['growth_mb']:.0f} MB",
+              flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    text = report(results, args)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+def report(results, args):
+    base = results["risk"]["baseline/quantile_cvar_radpo"]
+    n, t, v = results["risk_shape"]
+    lines = [f"Command: `python bench.py{' --quick' if args.quick else ''}` ({results['machine']}).", "",
+             f"Risk terms, (N, T, V) = ({n}, {t}, {v}), fp32, forward + backward from hidden states "
+             f"(H = {HIDDEN}); time ratio against the authors' quantile transcription; peak RSS growth per "
+             "configuration in its own process:", "",
+             "| configuration | time (s) | time / baseline | peak growth (MB) | memory / baseline |",
+             "|---|---|---|---|---|"]
+    for config, r in results["risk"].items():
+        lines.append(f"| {config} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f} | "
+                     f"{r['growth_mb']:.0f} | {r['growth_mb'] / base['growth_mb']:.2f} |")
+    dpo = results["step"]["dpo"]
+    s = results["step_shape"]
+    lines += ["", f"Training step, random Llama ({results['step']['parameters'] / 1e6:.1f}M parameters, vocabulary "
+              f"32000), LoRA r 16, {s['pairs']} pairs x {s['tokens']} tokens; ratios against dpo:", "",
+              "| loss | time (s) | time / dpo | peak growth (MB) | memory / dpo |", "|---|---|---|---|---|"]
+    for config in STEP_CONFIGS:
+        r = results["step"][config]
+        lines.append(f"| {config} | {r['seconds']:.2f} | {r['seconds'] / dpo['seconds']:.2f} | "
+                     f"{r['growth_mb']:.0f} | {r['growth_mb'] / dpo['growth_mb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Bad input, table-driven, across every script: a one-line error naming what is wrong and where, exit code 2, no
+traceback, and nothing already on disk touched. In process through each script's main(argv); one subprocess per
+script checks the real exit code and stderr."""
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import write_jsonl
+from test_stages import FAST, subset
+
+import data
+import evaluate
+import merge_policies
+import toy
+import train_reward_stage as stage
+import train_safety_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = {"prompt": "how do i cooking ?", "response_0": "step cooking", "response_1": "sorry i cannot help .",
+        "better_response_id": 0, "safer_response_id": 1}
+
+
+def tree_digest(folder):
+    """A hash of every file's path and bytes under folder."""
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            h.update(path.encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def env(tiny_world, full_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    pairs = subset(tiny_world, tmp)
+    reward, safety = str(tmp / "reward"), str(tmp / "safety")
+    common = ["--data", pairs, "--max_steps", "2", *FAST]
+    assert stage.main(["--sft", f"{tiny_world}/sft", "--out", reward, *common]) == 0
+    assert train_safety_stage.main(["--reward_stage", reward, "--out", safety, *common]) == 0
+    other = str(tmp / "other_reward")  # a reward stage on another base model
+    assert stage.main(["--sft", f"{full_world}/sft", "--out", other, *common]) == 0
+    unfinished = tmp / "unfinished"
+    shutil.copytree(reward, unfinished)
+    os.remove(unfinished / stage.COMPLETE_FILE)
+    mix = str(tmp / "mix")
+    assert merge_policies.main(["--first", reward, "--second", safety, "--q", "0.5", "--out", mix]) == 0
+    eval_out = str(tmp / "eval")
+    assert evaluate.main(["--policies", reward, "--prompts", tiny_world, "--num_samples", "1", "--max_prompts", "2",
+                          "--max_new_tokens", "4", "--out", eval_out]) == 0
+    files = {}
+    files["bad_json"] = tmp / "bad.jsonl"
+    files["bad_json"].write_text(json.dumps(GOOD) + "\n{\"prompt\": \"cut\n")
+    raw = gzip.compress((json.dumps(GOOD) + "\n").encode() * 50)
+    files["truncated_gz"] = tmp / "cut.jsonl.gz"
+    files["truncated_gz"].write_bytes(raw[: len(raw) // 2])
+    files["int_prompt"] = write_jsonl(tmp / "int_prompt.jsonl", [GOOD, {**GOOD, "prompt": 7}])
+    files["id_2"] = write_jsonl(tmp / "id2.jsonl", [GOOD, GOOD, {**GOOD, "better_response_id": 2}])
+    files["all_empty"] = write_jsonl(tmp / "empty.jsonl", [{**GOOD, "response_0": "  "}] * 3)
+    files["latin1"] = tmp / "latin1.jsonl"
+    files["latin1"].write_bytes(b'{"prompt": "caf\xe9"}\n')
+    files["csv_missing"] = tmp / "missing.csv"
+    files["csv_missing"].write_text("prompt,response_0,response_1,better_response_id\np,a,b,0\n")
+    files["no_prompts"] = tmp / "no_prompts.json"
+    files["no_prompts"].write_text("[]")
+    files["no_prompt_field"] = tmp / "no_prompt_field.jsonl"
+    files["no_prompt_field"].write_text('{"text": "hi"}\n')
+    return {"tmp": tmp, "pairs": pairs, "reward": reward, "safety": safety, "other": other,
+            "unfinished": str(unfinished), "mix": mix, "eval": eval_out, "world": tiny_world, "full": full_world,
+            **{k: str(v) for k, v in files.items()}}
+
+
+def cases(e):
+    """(script main, argv, the output folder it must leave untouched, text the error must contain)."""
+    sft, new = f"{e['world']}/sft", str(e["tmp"] / "new_run")  # new_run must never appear
+    r = lambda data_file, *extra: (stage.main, ["--sft", sft, "--data", data_file, "--out", new, *extra],  # noqa: E731
+                                   e["reward"])
+    s = lambda *argv: (train_safety_stage.main, [*argv, "--out", new], e["safety"])  # noqa: E731
+    m = lambda *argv: (merge_policies.main, [*argv, "--out", e["mix"]], e["mix"])  # noqa: E731
+    v = lambda *argv: (evaluate.main, [*argv, "--out", e["eval"]], e["eval"])  # noqa: E731
+    return [
+        (*r(e["bad_json"]), "bad.jsonl: line 2: not valid JSON"),
+        (*r(e["truncated_gz"]), "cut.jsonl.gz: cannot read"),
+        (*r(e["int_prompt"]), "int_prompt.jsonl: row 2: field 'prompt' must be a string, got int"),
+        (*r(e["id_2"]), "id2.jsonl: row 3: field 'better_response_id' must be 0 or 1, got 2"),
+        (*r(e["all_empty"]), "empty.jsonl: no training pairs left after filtering"),
+        (*r(e["latin1"]), "latin1.jsonl: invalid UTF-8"),
+        (*r(e["csv_missing"], "--preference", "safer"), "missing.csv: row 2: missing field 'safer_response_id'"),
+        (*r(str(e["tmp"] / "nowhere.jsonl")), "nowhere.jsonl: no such file"),
+        (*r(str(e["tmp"])), "is a directory"),
+        (stage.main, ["--sft", str(e["tmp"] / "no_model"), "--data", e["pairs"], "--out", e["reward"]], e["reward"],
+         "no_model: no such model folder"),
+        (*r(e["pairs"], "--load_in_4bit"), "--load_in_4bit (QLoRA, nf4) needs a CUDA GPU"),
+        (*r(e["pairs"], "--loss", "dpo", "--risk_level", "0.9"), "--risk_level has no effect with --loss dpo"),
+        (*r(e["pairs"], "--risk_measure", "cvar", "--risk_level", "0"), "must be in (0, 1]"),
+        (*r(e["pairs"], "--risk_measure", "erm", "--split_vocab"), "--split_vocab applies to"),
+        (*r(e["pairs"], "--beta", "-1"), "--beta must be positive"),
+        (stage.main, ["--sft", sft, "--data", e["pairs"], "--out", e["reward"], "--max_steps", "5"], e["reward"],
+         "holds a finished run with a different config"),
+        (*s("--reward_stage", e["other"], "--sft", sft, "--data", e["pairs"]), "is not the base model of"),
+        (*s("--reward_stage", e["unfinished"], "--data", e["pairs"]), "the stage did not finish"),
+        (*s("--reward_stage", e["safety"], "--data", e["pairs"]), "is a safety stage output"),
+        (*s("--reward_stage", e["reward"], "--data", e["pairs"], "--precision", "fp16"), "fp16 needs a CUDA GPU"),
+        (*m("--first", e["reward"], "--second", e["safety"], "--q", "-0.1"), "must lie in [0, 1]"),
+        (*m("--first", e["reward"], "--second", e["other"], "--q", "0.7"), "share one base model"),
+        (*m("--first", e["reward"], "--second", str(e["tmp"] / "ghost"), "--q", "0.5"), "ghost: neither a stage"),
+        (*v("--policies", e["reward"], "--prompts", e["no_prompts"]), "no_prompts.json: no prompts"),
+        (*v("--policies", e["reward"], "--prompts", e["no_prompt_field"]),
+         "no_prompt_field.jsonl: row 1: missing field 'prompt'"),
+        (*v("--policies", e["reward"], "--prompts", e["world"], "--greedy", "--num_samples", "4"),
+         "--greedy gives one response per prompt"),
+        (*v("--policies", str(e["tmp"] / "ghost"), "--prompts", e["world"]), "ghost: no such policy folder"),
+        (*v("--policies", e["reward"], "--prompts", e["world"], "--reward_model", e["reward"]), "need --scorer models"),
+        (toy.main, ["build", "--out", e["world"], "--seed", "5"], e["world"], "pass --overwrite to replace it"),
+    ]
+
+
+def test_table_of_bad_inputs(env, capsys):
+    table = cases(env)
+    assert len(table) >= 20
+    for main, argv, keep, message in table:
+        before = tree_digest(keep)
+        code = main(argv)
+        err = capsys.readouterr().err
+        error_lines = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2, (argv, err)
+        assert len(error_lines) == 1 and message in error_lines[0], (message, err)
+        assert "Traceback" not in err
+        assert tree_digest(keep) == before, f"{keep} changed for {message}"
+        assert not os.path.exists(env["tmp"] / "new_run") and not os.path.exists(env["tmp"] / "new_run.tmp")
+
+
+def test_enormous_rows_are_truncated_not_fatal(env, capsys):
+    huge = write_jsonl(env["tmp"] / "huge.jsonl", [{**GOOD, "prompt": "how do i cooking " * 100000 + "?",
+                                                    "response_0": "step cooking " * 50000}, GOOD])
+    tok = stage.load_tokenizer(env["reward"])
+    ex = data.tokenize_pairs(data.load_pairs(huge), tok, max_length=48, max_prompt_length=24)
+    assert len(ex) == 2 and all(len(e["prompt_ids"]) + len(e["chosen_ids"]) <= 48 for e in ex)
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("train_reward_stage.py", ["--sft", "x", "--data", "y", "--out", "z", "--loss", "dpo", "--alpha", "1"],
+     "--alpha has no effect with --loss dpo"),
+    ("train_safety_stage.py", ["--reward_stage", "/nonexistent/r", "--data", "y", "--out", "z"],
+     "/nonexistent/r: no such stage output folder"),
+    ("merge_policies.py", ["--first", "a", "--second", "b", "--q", "2", "--out", "z"], "must lie in [0, 1]"),
+    ("evaluate.py", ["--policies", "/nonexistent/p", "--prompts", "x.json", "--out", "z"],
+     "/nonexistent/p: no such policy folder"),
+    ("toy.py", ["build", "--out", "/dev/null/x", "--size", "tiny"], "toy.py: error:"),
+])
+def test_each_script_exits_2_without_traceback(script, argv, message, tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and message in run.stderr
+    assert len([line for line in run.stderr.splitlines() if "error:" in line]) == 1
