@@ -1,6 +1,6 @@
 # make test   ruff + pytest (creates .venv and installs requirements.txt if needed)
 # make demo   the whole RSA pipeline on the toy world, into runs/demo
-# make study  RSA against SACPO and TDPO on the toy world, 3 seeds (about an hour; not in CI)
+# make study  RSA against SACPO and TDPO on the toy world, 3 seeds (hours; not in CI)
 
 PYTHON ?= python3
 VENV   := .venv

@@ -1,6 +1,6 @@
 """The study: does risk-aware stepwise alignment suppress the tail better than risk-neutral stepwise alignment?
 
-    python study.py --out runs/study            # or: make study   (not part of CI; about an hour on 2 CPU cores)
+    python study.py --out runs/study            # or: make study   (not part of CI; took about 2.5 hours here)
 
 On the toy world (fixed: seed 0, built once) and for several training seeds, every method runs the same pipeline as
 `make demo` (reward stage -> safety stage -> mixtures over q -> evaluation with the ground truth) and differs only in

@@ -334,7 +334,7 @@ def freeze_adapter(model, name):
             p.requires_grad_(False)
 
 
-def batch_terms(model, batch, args, with_reference=True):
+def batch_terms(model, batch, args):
     """Per-sequence (logratio, kl, risk, logps) for a collated batch (chosen rows first), from one policy forward
     and one reference forward (the same weights with the adapter off)."""
     body, head = backbone_and_head(model)
