@@ -130,6 +130,7 @@ def test_stacked_reference_is_the_reward_policy(reference_run, tiny_world):
     assert trainable and all(".default." in n for n in trainable)  # the reward adapter stays frozen
     tok = stage.load_tokenizer(reference_run["out"])
     batch = data.collate(data.tokenize_pairs(data.load_pairs(pairs, "safer")[:3], tok, 48, 24), tok.pad_token_id)
+    model.eval()  # no LoRA dropout in the policy pass, so the two policy computations below agree
     with torch.no_grad():
         for p in model.parameters():  # move the new adapter away from zero, as training does
             if p.requires_grad:
