@@ -48,23 +48,26 @@ def _check_level(level, name="level"):
 def cvar(values, probs=None, level=None, *, log_probs=None):
     """CVaR at `level` in (0, 1]: the mean of v over the worst (largest) `level` of probability mass [choice].
 
-    Sort v descending and take mass until `level` is used up; the boundary atom contributes fractionally.
-    level = 1 is exactly the expectation. Check: v = [1, 2, 5, 10], p uniform, level 0.5 -> 7.5.
-    The weights come from a sort without gradient; the value is sum_z w(z) v(z), so the gradient w.r.t. v is w.
+    Walk the atoms from the worst down, taking mass until `level` is used up: the atom where it runs out is the VaR
+    t, every atom above t counts in full and t gets the remainder, CVaR = (sum_{v > t} p v + (level - P(v > t)) t)
+    / level. level = 1 is exactly the expectation. Check: v = [1, 2, 5, 10], p uniform, level 0.5 -> 7.5.
+    The weights come from one sort without gradient; the gradient w.r.t. v is the weight of each atom.
     """
     _check_level(level)
     p = _probs(probs, log_probs)
     if float(level) == 1.0:
         return expectation(values, p)
     with torch.no_grad():
-        order = values.argsort(dim=-1, descending=True)
-        p_sorted = p.gather(-1, order)
-        mass_before = p_sorted.cumsum(-1) - p_sorted
-        # mass each atom contributes to the tail: all of it, the remainder at the boundary, then nothing
-        taken = (level - mass_before).clamp(min=0.0)
-        w_sorted = torch.minimum(p_sorted, taken)
-        w = torch.empty_like(w_sorted).scatter_(-1, order, w_sorted) / level
-    return expectation(values, w)
+        v_sorted, order = values.sort(dim=-1, descending=True)
+        mass = p.gather(-1, order).cumsum_(-1)
+        target = torch.full((*mass.shape[:-1], 1), float(level), dtype=mass.dtype, device=mass.device)
+        boundary = torch.searchsorted(mass, target).clamp_(max=values.shape[-1] - 1)  # first cumulative >= level
+        var = v_sorted.gather(-1, boundary)
+        del v_sorted, mass
+        w = torch.where(values > var, p, torch.zeros_like(p))
+        remainder = level - w.sum(-1, keepdim=True)  # taken from the atom at the VaR
+    at_var = values.gather(-1, order.gather(-1, boundary))
+    return (expectation(values, w) + (remainder * at_var).squeeze(-1)) / level
 
 
 def erm(values, probs=None, mu=None, *, log_probs=None):
