@@ -1,13 +1,14 @@
 # make test   ruff + pytest (creates .venv and installs requirements.txt if needed)
 # make demo   the whole RSA pipeline on the toy world, into runs/demo
 # make study  RSA against SACPO and TDPO on the toy world, 3 seeds (hours; not in CI)
+# make study-real  the Ra-DPO HH experiment in miniature on SmolLM2-135M-Instruct (about an hour; not in CI)
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint install demo study
+.PHONY: test lint install demo study study-real
 
 install: $(STAMP)
 
@@ -27,3 +28,7 @@ demo: $(STAMP)
 
 study: $(STAMP)
 	$(PY) study.py --out runs/study
+
+study-real: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-real.txt
+	$(PY) study_real.py --out runs/study-real

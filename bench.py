@@ -13,6 +13,8 @@ down), reported as the growth of peak RSS over the RSS once the inputs exist.
    (full tensors, torch.quantile).
 2. A training step of our loop (LoRA r 16, all linear layers) on a randomly initialised ~10M-parameter Llama with a
    32000 vocabulary, 8 pairs x 256 tokens: dpo against ra_dpo2 with each measure.
+3. The same step through TRL's DPOTrainer (loss "sigmoid"), when trl is installed; it is not a requirement:
+   `pip install trl -c requirements.txt` keeps the pinned torch and transformers.
 """
 
 from __future__ import annotations
@@ -138,6 +140,51 @@ def train_step(config, setup):
     opt.zero_grad(set_to_none=True)
 
 
+# ---------------------------------------------------------------------------------------------- 3. TRL
+
+
+def trl_setup(pairs, length):
+    """TRL's DPOTrainer (loss "sigmoid", the same base model, LoRA and batch as step_setup; reference = adapter off).
+    The batch is the same token ids, collated by TRL's own collator."""
+    import tempfile
+
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    import train_reward_stage as stage
+
+    model, args, batch, _, n_params = step_setup(pairs, length)
+    base = model.unload()  # TRL adds the same LoRA itself
+    vocab = {"<eos>": 0, "<pad>": 1, **{chr(97 + i): 2 + i for i in range(26)}}  # any tokenizer: the ids are given
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    cfg = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs, max_length=length, beta=0.1,
+                    loss_type=["sigmoid"], learning_rate=1e-4, use_cpu=True, report_to=[], save_strategy="no",
+                    gradient_checkpointing=False, bf16=False, fp16=False, dataloader_num_workers=0)
+    text = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}] * pairs)
+    trainer = DPOTrainer(model=base, args=cfg, train_dataset=text, processing_class=tokenizer,
+                         peft_config=stage.lora_config(args))
+    n, start = pairs, length // 4
+    ids = batch["input_ids"]
+    examples = [{"prompt_ids": ids[i, :start].tolist(), "chosen_ids": ids[i, start:].tolist(),
+                 "rejected_ids": ids[n + i, start:].tolist()} for i in range(n)]
+    trl_batch = trainer.data_collator(examples)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which is not used here
+    trainer.model.train()
+    return trainer, trl_batch, n_params
+
+
+def trl_step(setup):
+    trainer, batch, _ = setup
+    trainer.training_step(trainer.model, batch)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -157,6 +204,10 @@ def one(kind, config, shape):
         inputs = risk_inputs(*shape)
         before = rss_mb()
         risk_step(config, inputs)
+    elif kind == "trl":
+        setup = trl_setup(*shape)
+        before = rss_mb()
+        trl_step(setup)
     else:
         setup = step_setup(*shape)
         before = rss_mb()
@@ -199,6 +250,17 @@ def main(argv=None):
         results["step"][config] = {"seconds": sec, **memory("step", config, step_shape)}
         print(f"[bench] step {config}: {sec:.2f} s, peak growth {results['step'][config]['growth_mb']:.0f} MB",
               flush=True)
+    try:
+        import trl
+    except ImportError:
+        print("[bench] trl is not installed (pip install trl -c requirements.txt); skipping the TRL comparison")
+    else:
+        setup = trl_setup(*step_shape)
+        sec = timed(lambda: trl_step(setup), args.repeats)
+        del setup
+        results["trl"] = {"version": trl.__version__, "seconds": sec, **memory("trl", "dpo", step_shape)}
+        print(f"[bench] TRL {trl.__version__} DPOTrainer step: {sec:.2f} s, peak growth "
+              f"{results['trl']['growth_mb']:.0f} MB", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -230,6 +292,15 @@ def report(results, args):
         r = results["step"][config]
         lines.append(f"| {config} | {r['seconds']:.2f} | {r['seconds'] / dpo['seconds']:.2f} | "
                      f"{r['growth_mb']:.0f} | {r['growth_mb'] / dpo['growth_mb']:.2f} |")
+    if "trl" in results:
+        r = results["trl"]
+        lines += ["", f"The same model, LoRA and batch through TRL {r['version']}'s DPOTrainer (loss sigmoid; its "
+                  "training_step and optimizer step on the batch its collator makes from the same token ids):", "",
+                  "| step | time (s) | ours / TRL | peak growth (MB) | ours / TRL |", "|---|---|---|---|---|",
+                  f"| TRL DPOTrainer | {r['seconds']:.2f} | | {r['growth_mb']:.0f} | |",
+                  f"| ours, dpo | {dpo['seconds']:.2f} | {dpo['seconds'] / r['seconds']:.2f} | "
+                  f"{dpo['growth_mb']:.0f} | "
+                  f"{dpo['growth_mb'] / r['growth_mb']:.2f} |"]
     return "\n".join(lines) + "\n"
 
 

@@ -306,10 +306,13 @@ def render_prompt(pair_or_prompt, tokenizer, prompt_format="pku"):
     raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
 
 
-def resolve_prompt_format(prompt_format, pairs):
-    """`auto`: raw text for HH dialogues (they carry their own turns), the PKU template otherwise."""
+def resolve_prompt_format(prompt_format, pairs=(), tokenizer=None):
+    """`auto`: the model's own chat template when its tokenizer has one; otherwise raw text for HH dialogues (they
+    carry their own turns) and the PKU template for everything else."""
     if prompt_format != "auto":
         return prompt_format
+    if getattr(tokenizer, "chat_template", None):
+        return "chat"
     return "raw" if pairs and pairs[0].prompt.startswith(HH_HUMAN) else "pku"
 
 
@@ -332,7 +335,7 @@ def tokenize_pairs(pairs, tokenizer, max_length=512, max_prompt_length=128, prom
         raise DataError("the tokenizer has no EOS token; responses must end with one")
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
-    fmt = resolve_prompt_format(prompt_format, pairs)
+    fmt = resolve_prompt_format(prompt_format, pairs, tokenizer)
     special = fmt != "chat"  # chat templates write their own BOS
     drops = Drops(source, strict)
     out = []

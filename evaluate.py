@@ -42,13 +42,14 @@ RESULT_KEYS = ("policy", "q", "num_samples", "mean_reward", "mean_cost", "safe_r
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts, num_samples=1, max_new_tokens=32, do_sample=True, temperature=1.0,
-                     top_p=1.0, batch_size=64, prompt_format="pku", seed=0, desc="sampling"):
+                     top_p=1.0, batch_size=64, prompt_format="auto", seed=0, desc="sampling"):
     """Responses to each prompt, `num_samples` each (prompt-major order): batched, left-padded generation that stops
     at EOS or after `max_new_tokens`. Returns a list of lists of strings."""
     torch.manual_seed(seed)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     model.eval()
+    prompt_format = data.resolve_prompt_format(prompt_format, tokenizer=tokenizer)
     texts = [data.render_prompt(p, tokenizer, prompt_format) for p in prompts]
     out = []
     per_batch = max(1, batch_size // num_samples)
@@ -59,7 +60,7 @@ def sample_responses(model, tokenizer, prompts, num_samples=1, max_new_tokens=32
                             add_special_tokens=prompt_format != "chat").to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                  temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-                                 num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id,
+                                 num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                                  eos_token_id=tokenizer.eos_token_id)
             decoded = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for i in range(0, len(decoded), num_samples):
@@ -358,7 +359,8 @@ def load_prompt_set(source, split):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", nargs="+", required=True, help="policy folders (SFT, stage outputs, mixtures)")
+    p.add_argument("--policies", nargs="+", required=True,
+                   help="policies: stage outputs, mixtures, model folders, hub names or .gguf files")
     p.add_argument("--prompts", required=True,
                    help="prompt file (json/jsonl with prompt and optional category), a toy world folder, or a hub "
                         "preference set such as PKU-Alignment/PKU-SafeRLHF (its unique prompts)")
@@ -377,7 +379,8 @@ def build_parser():
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
-    p.add_argument("--prompt_format", default="pku", choices=("pku", "chat", "raw"))
+    p.add_argument("--prompt_format", default="auto", choices=data.PROMPT_FORMATS,
+                   help="auto: the tokenizer's chat template if it has one, else the PKU template")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--trust_remote_code", action="store_true")
@@ -395,8 +398,8 @@ def main(argv=None):
         if len(set(names)) != len(names):
             raise UsageError(f"policy folder names must be distinct (they name the results): {names}")
         for p in args.policies:
-            if not os.path.isdir(p) and not stage.is_hub_name(p):
-                raise UsageError(f"{p}: no such policy folder")
+            if not os.path.exists(p) and not stage.is_hub_name(p):
+                raise UsageError(f"{p}: no such policy folder or model file")
         prompts = load_prompt_set(args.prompts, args.prompts_split)
         if args.max_prompts:
             prompts = prompts[: args.max_prompts]

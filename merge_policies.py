@@ -29,13 +29,9 @@ from train_reward_stage import UsageError
 MIXTURE_FILE = "rsa_mixture.json"
 
 
-def describe(folder):
-    """What a parent is: a finished stage (its config) or a plain model folder."""
-    if os.path.exists(os.path.join(folder, stage.CONFIG_FILE)):
-        return stage.read_stage(folder)
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        raise UsageError(f"{folder}: neither a stage output nor a model folder (no config.json)")
-    return {"stage": None, "base_model": folder}
+def describe(path):
+    """What a parent is: a finished stage (its config) or a plain model (folder, hub name, .gguf file)."""
+    return stage.read_stage(path) if stage.is_stage(path) else stage.plain_model(path)
 
 
 def mix_state_dicts(first, second, q):
@@ -106,8 +102,7 @@ def main(argv=None):
         first = stage.load_policy(args.first, args.trust_remote_code)
         second = stage.load_policy(args.second, args.trust_remote_code)
         sa, sb = check_compatible(first, second, (args.first, args.second))
-        tokenizer = stage.load_tokenizer(args.first if os.path.exists(os.path.join(args.first, "tokenizer_config.json"))
-                                         else args.second)
+        tokenizer = stage.load_tokenizer(args.second if stage.is_stage(args.second) else args.first)
         for q in todo:
             folder = os.path.join(args.out, q_name(q))
             tmp = folder + ".tmp"

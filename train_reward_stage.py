@@ -64,15 +64,17 @@ def build_parser(stage="reward"):
     g = p.add_argument_group("model")
     if safety:
         g.add_argument("--reward_stage", required=True,
-                       help="output folder of train_reward_stage.py: the policy pi_r this stage starts from and "
-                            "keeps, frozen, as its reference")
+                       help="the policy pi_r this stage starts from and keeps, frozen, as its reference: the "
+                            "output folder of train_reward_stage.py, or an already helpful model (folder, hub name, "
+                            ".gguf file; --gguf_file names a GGUF file inside it)")
         g.add_argument("--sft", default=None, help="optional: the SFT model the reward stage should sit on (checked)")
         g.add_argument("--reference_mode", default="merge", choices=("merge", "stack"),
                        help="merge: stage 1 merged into the base in full precision, a new adapter on top; stack: "
                             "stage 1 kept as a frozen adapter under the new one (always so with --load_in_4bit)")
     else:
         g.add_argument("--sft", required=True, help="SFT model: a local folder, a hub name, or a .gguf file")
-    g.add_argument("--gguf_file", default=None, help="name of a .gguf file inside --sft (or pass its path as --sft)")
+    g.add_argument("--gguf_file", default=None,
+                   help=f"name of a .gguf file inside {'--reward_stage' if safety else '--sft'} (or pass its path)")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     g.add_argument("--lora_r", type=int, default=16)
     g.add_argument("--lora_alpha", type=float, default=32.0)
@@ -95,7 +97,8 @@ def build_parser(stage="reward"):
     g.add_argument("--max_length", type=int, default=512)
     g.add_argument("--max_prompt_length", type=int, default=128)
     g.add_argument("--prompt_format", default="auto", choices=data.PROMPT_FORMATS,
-                   help="auto: raw text for HH dialogues, the PKU template otherwise; chat: the tokenizer's template")
+                   help="auto: the tokenizer's chat template if it has one, else raw text for HH dialogues and the PKU "
+                        "template for the rest")
     g = p.add_argument_group("loss (math.md Sec. 4-5)")
     g.add_argument("--loss", default="ra_dpo2", choices=risk.VARIANTS)
     g.add_argument("--risk_measure", default="cvar_radpo", choices=risk.MEASURES,
@@ -211,7 +214,13 @@ def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=
             bnb_4bit_use_double_quant=True)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+        from transformers import GgufConfig
+
+        if load_in_4bit:
+            raise UsageError(f"--load_in_4bit with the GGUF file {gguf_file}: GGUF weights load de-quantised to fp32; "
+                             "save the model with save_pretrained and pass that folder to quantise it with nf4")
+        # de-quantised at load: a plain dense model that trains and saves like any other
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
     else:
         kwargs["use_safetensors"] = True  # never unpickle weights
     try:
@@ -267,11 +276,26 @@ def add_lora(model, args):
         raise UsageError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
 
 
+def plain_model(path, gguf_file=None):
+    """The description of a model that is not a stage output: a model folder, a hub name, or a GGUF file."""
+    folder, name = model_source(path, gguf_file)
+    local = os.path.exists(folder) or not is_hub_name(folder)
+    if name and local and not os.path.isfile(os.path.join(folder, name)):
+        raise UsageError(f"{os.path.join(folder, name)}: no such GGUF file")
+    if not name and local and not os.path.exists(os.path.join(path, "config.json")):
+        raise UsageError(f"{path}: neither a stage output nor a model folder (no config.json)")
+    return {"stage": None, "base_model": path, "gguf_file": gguf_file, "parent": None}
+
+
+def is_stage(path):
+    return os.path.exists(os.path.join(path, CONFIG_FILE))
+
+
 def read_stage(folder):
     """The rsa_config.json of a finished stage; errors for missing or unfinished ones."""
     if not os.path.isdir(folder):
         raise UsageError(f"{folder}: no such stage output folder")
-    if not os.path.exists(os.path.join(folder, CONFIG_FILE)):
+    if not is_stage(folder):
         raise UsageError(f"{folder}: not a stage output (no {CONFIG_FILE})")
     if not os.path.exists(os.path.join(folder, COMPLETE_FILE)):
         raise UsageError(f"{folder}: the stage did not finish (no {COMPLETE_FILE}); rerun it first")
@@ -281,10 +305,11 @@ def read_stage(folder):
 
 def load_policy(folder, trust_remote_code=False):
     """A finished stage's policy as a plain transformers model: its base with every adapter on the way merged in.
-    (A safety stage's adapter sits on its reward stage's merged policy.) Also accepts a plain model folder."""
+    (A safety stage's adapter sits on its reward stage's merged policy.) Also accepts a plain model folder, a hub
+    name or a .gguf file."""
     from peft import PeftModel
 
-    if not os.path.exists(os.path.join(folder, CONFIG_FILE)):
+    if not is_stage(folder):
         return load_base_model(folder, trust_remote_code=trust_remote_code)
     cfg = read_stage(folder)
     if cfg.get("parent"):

@@ -48,30 +48,43 @@ def stacked_model(args, parent):
 def main(argv=None):
     try:
         args = stage.parse_args(argv, "safety")
-        parent = stage.read_stage(args.reward_stage)
-        if parent["stage"] != "reward":
-            raise UsageError(f"{args.reward_stage}: is a {parent['stage']} stage output; pass the reward stage's")
+        if stage.is_stage(args.reward_stage):
+            parent = stage.read_stage(args.reward_stage)
+            if parent["stage"] != "reward":
+                raise UsageError(f"{args.reward_stage}: is a {parent['stage']} stage output; pass the reward stage's")
+            if args.gguf_file:
+                raise UsageError("--gguf_file: the reward stage's output records its own base model")
+            pi_r = None
+        else:  # an already helpful model plays pi_r: the new adapter sits directly on it
+            parent = stage.plain_model(args.reward_stage, args.gguf_file)
+            pi_r = stage.load_base_model(args.reward_stage, args.gguf_file, args.trust_remote_code, args.load_in_4bit)
+            parent.update(base_fingerprint=stage.fingerprint(pi_r), order="H->S")
         if args.sft is not None:
-            sft = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code)
+            sft = stage.load_base_model(args.sft, trust_remote_code=args.trust_remote_code)
             if stage.fingerprint(sft) != parent["base_fingerprint"]:
                 raise UsageError(f"--sft {args.sft} is not the base model of {args.reward_stage} "
                                  f"({parent['base_model']}): architectures or shapes differ")
-        beta_r = parent["args"]["beta"]
+        beta_r = parent["args"]["beta"] if pi_r is None else None
         cfg = stage.run_config(args, "safety", {
             "base_model": parent["base_model"], "gguf_file": parent.get("gguf_file"),
-            "base_fingerprint": parent["base_fingerprint"], "parent": os.path.abspath(args.reward_stage),
-            "parent_config": parent, "reference": "reward-stage policy (stage 1 merged in full precision)",
-            "order": parent["order"], "lambda": beta_r / args.beta,
-            "reference_mode": "stack" if args.load_in_4bit else args.reference_mode})
+            "base_fingerprint": parent["base_fingerprint"],
+            "parent": os.path.abspath(args.reward_stage) if pi_r is None else None,
+            "parent_config": parent, "order": parent["order"],
+            "reference": "reward-stage policy (stage 1 merged in full precision)" if pi_r is None else
+            f"the model {args.reward_stage} itself", "lambda": beta_r / args.beta if beta_r else None,
+            "reference_mode": "stack" if args.load_in_4bit and pi_r is None else args.reference_mode})
         if stage.check_output(args.out, cfg, args.overwrite):
             print(f"[train] {args.out}: already complete with this config; nothing to do")
             return 0
-        print(f"[train] safety stage on {args.reward_stage}: beta_s = {args.beta} with beta_r = {beta_r}, "
-              f"so lambda = beta_r / beta_s = {beta_r / args.beta:g}", flush=True)
+        print(f"[train] safety stage on {args.reward_stage}: beta_s = {args.beta}" + (
+            f" with beta_r = {beta_r}, so lambda = beta_r / beta_s = {beta_r / args.beta:g}" if beta_r else
+            " (pi_r is a plain model: no beta_r, no lambda)"), flush=True)
         rt = stage.Runtime(args)
-        tokenizer = stage.load_tokenizer(args.reward_stage)
+        tokenizer = stage.load_tokenizer(args.reward_stage, args.gguf_file)
         train_examples, eval_examples = stage.prepare_data(args, tokenizer)
-        if args.load_in_4bit or args.reference_mode == "stack":
+        if pi_r is not None:
+            model = stage.add_lora(pi_r, args)
+        elif args.load_in_4bit or args.reference_mode == "stack":
             model = stacked_model(args, parent)
         else:
             pi_r = stage.load_policy(args.reward_stage, args.trust_remote_code)  # merged: the frozen reference
