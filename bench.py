@@ -1,6 +1,6 @@
 """Speed and memory of the token-level risk terms and of a training step (not run in CI).
 
-    python bench.py                 # about 10 minutes on 2 CPU cores; writes bench/bench.json and bench/bench.md
+    python bench.py                 # about 15 minutes on 2 CPU cores; writes docs/bench/bench.json and bench.md
     python bench.py --quick         # smaller shapes, for a quick look
 
 Every time is a ratio against a baseline measured in the same process (one warm-up, then the median of
@@ -225,7 +225,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="(4, 128, 32000) risk terms, 2 pairs x 128 tokens")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="bench")
+    p.add_argument("--out", default="docs/bench")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--shape", nargs="+", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -282,6 +282,8 @@ def plain_model(path, gguf_file=None):
     local = os.path.exists(folder) or not is_hub_name(folder)
     if name and local and not os.path.isfile(os.path.join(folder, name)):
         raise UsageError(f"{os.path.join(folder, name)}: no such GGUF file")
+    if not name and local and not os.path.exists(path):
+        raise UsageError(f"{path}: no such stage output or model folder")
     if not name and local and not os.path.exists(os.path.join(path, "config.json")):
         raise UsageError(f"{path}: neither a stage output nor a model folder (no config.json)")
     return {"stage": None, "base_model": path, "gguf_file": gguf_file, "parent": None}
