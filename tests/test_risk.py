@@ -166,6 +166,13 @@ def test_cvar_radpo_equals_quantile_transcription(split, level):
     assert torch.allclose(got, radpo_quantile_transcription(d, p, level, split), atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 101])
+def test_linear_quantile_without_sort_equals_torch_quantile(n):
+    x = (torch.randn(6, n, dtype=torch.float64) * 2).round() / 2  # ties
+    for fraction in [0.0, 0.01, 0.05, 0.3, 0.5, 0.77, 0.95, 0.99, 1.0]:
+        assert torch.equal(risk._linear_quantile(x, fraction), torch.quantile(x, fraction, dim=-1)), (n, fraction)
+
+
 def test_cvar_radpo_is_not_coherent():
     """Why the axiom tests exclude it: no translation equivariance, and it can fall below the expectation."""
     v = torch.tensor([1.0, 2.0, 3.0, 4.0])
