@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,10 @@ def rss_mb():
 
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM: this process's peak RSS since its exec (getrusage's ru_maxrss can carry the parent's peak over a fork,
+    which made every subprocess report at least the benchmark driver's size)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 # ---------------------------------------------------------------------------------------------- 1. risk terms
