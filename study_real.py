@@ -14,8 +14,8 @@ which is the same weights. Greedy generations of pi_r and of each trained policy
 side by side (generations.jsonl, generations.md).
 
 Every method is its own resumable run (checkpoints every 25 steps); rerunning the command continues where it stopped
-and reuses what is finished. The defaults fit about an hour of 2 CPU cores; on a GPU the same command runs at the
-paper's lengths (--full: 512 tokens, 8 pairs a step, 300 steps).
+and reuses what is finished. The defaults took under 2 hours on 2 CPU cores; on a GPU the same command runs at
+the paper's lengths (--full: 512 tokens, 8 pairs a step, 300 steps).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def test_errors_before_training(stages, tiny_world, full_world, tmp_path, capsys
     no_safer_file = write_jsonl(tmp_path / "no_safer.jsonl", no_safer)
     cases = [
         (train_safety_stage.main, ["--reward_stage", str(tmp_path / "missing"), "--data", stages["pairs"]],
-         "no such stage output folder"),
+         "no such stage output or model folder"),
         (train_safety_stage.main, ["--reward_stage", str(unfinished), "--data", stages["pairs"]], "did not finish"),
         (train_safety_stage.main, ["--reward_stage", stages["reward"], "--sft", os.path.join(full_world, "sft"),
                                    "--data", stages["pairs"]], "is not the base model"),
