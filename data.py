@@ -30,6 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The small real data the repository carries (assets/README.md: provenance and licences).
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+HH_HARMLESS_TEST = os.path.join(ASSETS, "hh-rlhf-harmless-base-test.jsonl.gz")  # hub: Anthropic/hh-rlhf
+REDTEAM_PROMPTS = os.path.join(ASSETS, "redteam-83-prompts.json")
+HELPFUL_PROMPTS = os.path.join(ASSETS, "helpful-129-prompts.json")
+
 PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 SCHEMAS = ("pku", "hh", "plain")
 PREFERENCES = ("better", "safer")

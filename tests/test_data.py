@@ -1,7 +1,9 @@
 """data.py: every schema from files the tests write, the real HH file, every error and every drop, and the masks."""
 
+import collections
 import csv
 import gzip
+import hashlib
 import json
 import os
 
@@ -10,8 +12,7 @@ from helpers import byte_tokenizer, write_jsonl
 
 import data
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-HH_FILE = os.path.join(SHARED, "hh-rlhf-harmless-base-test.jsonl.gz")
+HH_FILE = data.HH_HARMLESS_TEST  # the repository's copy (assets/)
 
 PKU_ROWS = [
     {"prompt": "How do I cook rice?", "response_0": "Boil it.", "response_1": "Burn it.",
@@ -82,14 +83,14 @@ def test_hh_split_at_common_prefix_and_drops(tmp_path, capsys):
         data.load_pairs(path, strict=True)
 
 
-@pytest.mark.skipif(not os.path.exists(HH_FILE), reason="../shared/data is absent")
 def test_real_hh_file_loads_with_drops_counted(capsys):
+    """The carried HH file: exactly 2303 of its 2312 rows are pairs; 5 rows whose chosen and rejected sides do not
+    share a prompt and 4 with an empty response are dropped, each reason counted with its first row."""
     pairs = data.load_pairs(HH_FILE)
     out = capsys.readouterr().out
-    kept, total = (int(x) for x in out.split("kept ")[1].split(" pairs")[0].split(" of "))
-    assert total == 2312 and kept == len(pairs) and 2200 < kept < total  # a few rows are dropped, each counted
-    dropped = sum(int(part.split(" (")[0]) for part in out.split("dropped ")[1].split(", ") if " (" in part)
-    assert kept + dropped == total
+    assert "kept 2303 of 2312 pairs" in out and len(pairs) == 2303
+    assert "dropped 5 (a response continues the dialogue" in out and "first at row 1255" in out
+    assert "4 (empty or whitespace-only response, first at row 87)" in out
     with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
         raw = [json.loads(line) for line in f]
     for p in pairs[:200]:
@@ -208,3 +209,33 @@ def test_load_prompts(tmp_path):
     path.write_text("[]")
     with pytest.raises(data.DataError, match="no prompts"):
         data.load_prompts(str(path))
+
+
+def test_carried_assets_are_the_published_files_and_load():
+    """assets/ holds unchanged copies (digests in assets/README.md) that load as the evaluation sets."""
+    digests = {data.HH_HARMLESS_TEST: "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",
+               data.REDTEAM_PROMPTS: "11b70977db38f638500c7dd86f786aceca4a1ce97688ecc1bc4947b2c6ce7132",
+               data.HELPFUL_PROMPTS: "af2e5a1cce5dc49e8ec975d3a3f01a7b7f82b8e1e2317ac7cb291178b8f0d394"}
+    for path, digest in digests.items():
+        with open(path, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, path
+    redteam = data.load_prompts(data.REDTEAM_PROMPTS)
+    counts = collections.Counter(p["category"] for p in redteam)
+    assert len(redteam) == 83 and len(counts) == 8 and counts["Social Bias"] == 14 and counts["Pornographic"] == 9
+    assert len(data.load_prompts(data.HELPFUL_PROMPTS)) == 129
+    for name in ("hh-rlhf-LICENSE", "sacpo-assets-LICENSE", "README.md"):
+        assert os.path.exists(os.path.join(data.ASSETS, name))
+
+
+def test_study_real_splits_the_carried_pairs(tmp_path):
+    """study_real.py's data split on the repository's HH copy: 64 held-out and 2239 training rows, disjoint, fixed by
+    the seed (what `make study-real` trains on)."""
+    import study_real
+
+    train_file, held_file = study_real.split_pairs(data.HH_HARMLESS_TEST, str(tmp_path), 64, 0)
+    train, held = data.load_pairs(train_file), data.load_pairs(held_file)
+    assert (len(train), len(held)) == (2239, 64)
+    assert not {p.prompt + p.chosen for p in train} & {p.prompt + p.chosen for p in held}
+    again = study_real.split_pairs(data.HH_HARMLESS_TEST, str(tmp_path / "again"), 64, 0)[1]
+    with open(held_file) as a, open(again) as b:
+        assert a.read() == b.read()
