@@ -104,12 +104,15 @@ def risk_step(config, inputs):
 
 
 STEP_CONFIGS = ["dpo", "ra_dpo2/expectation", "ra_dpo2/cvar_radpo", "ra_dpo2/cvar", "ra_dpo2/erm"]
+# the stages' default LoRA (the flags stage.add_lora reads)
+LORA = argparse.Namespace(seed=42, lora_r=16, lora_alpha=32.0, lora_dropout=0.05, lora_target_modules="all-linear",
+                          load_in_4bit=False, gradient_checkpointing=False)
 
 
 def step_setup(pairs, length):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import train_reward_stage as stage
+    import stage
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -117,26 +120,24 @@ def step_setup(pairs, length):
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    args = stage.parse_args(["--sft", "x", "--data", "x", "--out", "x", "--max_length", str(length),
-                             "--max_prompt_length", str(length // 4)])
-    model = stage.add_lora(model, args)
+    model = stage.add_lora(model, LORA)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 32000, (2 * pairs, length), generator=g)
     resp = torch.zeros_like(ids, dtype=torch.bool)
     resp[:, length // 4:] = True
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return model, args, batch, opt, n_params
+    return model, batch, opt, n_params
 
 
 def train_step(config, setup):
-    model, args, batch, opt, _ = setup
-    loss_name, _, measure = config.partition("/")
-    args.loss, args.risk_measure = loss_name, measure or "expectation"
-    args.risk_level = {"expectation": None, "cvar_radpo": 0.95, "cvar": 0.25, "erm": 2.0}.get(measure)
-    import train_reward_stage as stage
+    import stage
 
-    loss, _ = stage.batch_loss(model, batch, args)
+    model, batch, opt, _ = setup
+    loss_name, _, measure = config.partition("/")
+    lc = stage.LossConfig(loss=loss_name, measure=measure or None,
+                          level={"cvar_radpo": 0.95, "cvar": 0.25, "erm": 2.0}.get(measure))
+    loss, _ = stage.batch_loss(model, batch, lc)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -155,9 +156,9 @@ def trl_setup(pairs, length):
     from transformers import PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
 
-    import train_reward_stage as stage
+    import stage
 
-    model, args, batch, _, n_params = step_setup(pairs, length)
+    model, batch, _, n_params = step_setup(pairs, length)
     base = model.unload()  # TRL adds the same LoRA itself
     vocab = {"<eos>": 0, "<pad>": 1, **{chr(97 + i): 2 + i for i in range(26)}}  # any tokenizer: the ids are given
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
@@ -168,7 +169,7 @@ def trl_setup(pairs, length):
                     gradient_checkpointing=False, bf16=False, fp16=False, dataloader_num_workers=0)
     text = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}] * pairs)
     trainer = DPOTrainer(model=base, args=cfg, train_dataset=text, processing_class=tokenizer,
-                         peft_config=stage.lora_config(args))
+                         peft_config=stage.lora_config(LORA))
     n, start = pairs, length // 4
     ids = batch["input_ids"]
     examples = [{"prompt_ids": ids[i, :start].tolist(), "chosen_ids": ids[i, start:].tolist(),

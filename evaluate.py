@@ -4,7 +4,7 @@
     python evaluate.py --policies worlds/toy/sft runs/demo/reward runs/demo/safety runs/demo/mix/q* \\
         --prompts worlds/toy/eval_prompts.json --scorer toy --num_samples 16 --out runs/demo/eval
     # a real model: beaver score models (or any AutoModelForSequenceClassification) from local folders
-    python evaluate.py --policies sft_dir runs/reward runs/safety --prompts redteam.json --scorer models \\
+    python evaluate.py --policies sft_dir runs/reward runs/safety --prompts redteam --scorer models \\
         --reward_model beaver-7b-v1.0-reward --cost_model beaver-7b-v1.0-cost --greedy --max_new_tokens 512
 
 Each policy (an SFT folder, a stage output, a mixture; any number) answers every prompt `--num_samples` times
@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 import data
 import risk
-import train_reward_stage as stage
-from train_reward_stage import UsageError
+import stage
+from stage import UsageError
 
 RESULT_KEYS = ("policy", "q", "num_samples", "mean_reward", "mean_cost", "safe_rate", "cvar_cost_0.1",
                "cvar_cost_0.05", "severe_harm_rate")
@@ -341,7 +341,9 @@ def plot(results, out):
 
 
 def load_prompt_set(source, split):
-    """Prompts with categories: a local json/jsonl prompt file, or unique prompts of a hub preference set."""
+    """Prompts with categories: a set the repository carries, a local json/jsonl prompt file, a toy world folder, or
+    the unique prompts of a hub preference set."""
+    source = {"redteam": data.REDTEAM_PROMPTS, "helpful": data.HELPFUL_PROMPTS}.get(source, source)
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "eval_prompts.json")):
         source = os.path.join(source, "eval_prompts.json")  # a toy world folder
     if data._is_local(source):
@@ -361,9 +363,10 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", required=True,
                    help="policies: stage outputs, mixtures, model folders, hub names or .gguf files")
-    p.add_argument("--prompts", required=True,
-                   help="prompt file (json/jsonl with prompt and optional category), a toy world folder, or a hub "
-                        "preference set such as PKU-Alignment/PKU-SafeRLHF (its unique prompts)")
+    p.add_argument("--prompts", default="redteam",
+                   help="redteam or helpful (the 83 red-team / 129 helpfulness prompts of SACPO and RSA, in "
+                        "assets/), a prompt file (json/jsonl with prompt and optional category), a toy world folder, "
+                        "or a hub preference set such as PKU-Alignment/PKU-SafeRLHF (its unique prompts)")
     p.add_argument("--prompts_split", default="test", help="hub split for --prompts")
     p.add_argument("--max_prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--scorer", default="toy", choices=("toy", "models", "none"),

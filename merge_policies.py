@@ -23,15 +23,10 @@ import sys
 
 import torch
 
-import train_reward_stage as stage
-from train_reward_stage import UsageError
+import stage
+from stage import UsageError
 
 MIXTURE_FILE = "rsa_mixture.json"
-
-
-def describe(path):
-    """What a parent is: a finished stage (its config) or a plain model (folder, hub name, .gguf file)."""
-    return stage.read_stage(path) if stage.is_stage(path) else stage.plain_model(path)
 
 
 def mix_state_dicts(first, second, q):
@@ -75,7 +70,7 @@ def main(argv=None):
         for q in args.q:
             if not 0.0 <= q <= 1.0:
                 raise UsageError(f"--q {q:g}: each q must lie in [0, 1] (the weight of the first-stage policy)")
-        first_info, second_info = describe(args.first), describe(args.second)
+        first_info, second_info = stage.describe(args.first), stage.describe(args.second)
         exact = second_info.get("parent") and os.path.abspath(second_info["parent"]) == os.path.abspath(args.first)
         note = {"first": os.path.abspath(args.first), "second": os.path.abspath(args.second),
                 "order": second_info.get("order") or first_info.get("order"),

@@ -1,6 +1,6 @@
 """The math of Risk-aware Stepwise Alignment (RSA, arXiv 2512.24263) and Ra-DPO (arXiv 2505.20359).
 
-Read next to the papers and `shared/spec/math.md`; section numbers below refer to that page.
+Read next to the papers and `docs/math.md`; section numbers below refer to that page.
 
     Sec. 2  risk measures on a discrete distribution  expectation, cvar, erm, cvar_radpo, risk_measure
     Sec. 3  nested risk on a token tree               nested_q_values, augmented_q_values
@@ -73,7 +73,7 @@ def cvar(values, probs=None, level=None, *, log_probs=None):
 def erm(values, probs=None, mu=None, *, log_probs=None):
     """Entropic risk (1/mu) log E_p[exp(mu v)], mu > 0, as (1/mu) logsumexp(log p + mu v).
 
-    Pass log_probs= where p may underflow (Sec. 4): exp(log p) is 0 below about -103 in fp32 while mu * v can be
+    Pass log_probs= where p may underflow (Sec. 2): exp(log p) is 0 below about -103 in fp32 while mu * v can be
     huge there, so going through probabilities would silently drop the dominant terms.
     """
     if mu is None or not float(mu) > 0.0:
@@ -106,7 +106,7 @@ def _linear_quantile(x, fraction):
 
 
 def cvar_radpo(values, probs=None, level=None, *, log_probs=None, split_vocab=False):
-    """The Ra-DPO authors' code form of CVaR (Sec. 4), kept for parity with their published numbers.
+    """The Ra-DPO authors' code form of CVaR (Sec. 2), kept for parity with their published numbers.
 
     threshold = the unweighted, linearly interpolated (1 - level) quantile of v over the entries of the last
     dimension; result = sum_z p(z) v(z) [v(z) > threshold]; no 1/level. Not a coherent risk measure (not translation

@@ -22,8 +22,9 @@ import torch
 
 import evaluate
 import merge_policies
+import stage
 import toy
-import train_reward_stage as stage
+import train_reward_stage
 import train_safety_stage
 
 METHODS = {
@@ -59,7 +60,7 @@ def run_method(name, flags, seed, world, out, steps, samples):
     common = ["--data", f"{world}/train.jsonl", "--eval_data", f"{world}/test.jsonl", "--max_length", "64",
               "--max_prompt_length", "32", "--batch_size", "16", "--lr", "5e-3", "--lora_r", "8", "--max_steps",
               str(steps), "--eval_every", "50", "--log_every", "50", "--seed", str(seed), *flags]
-    if stage.main(["--sft", f"{world}/sft", "--out", f"{base}/reward", *common]) != 0:
+    if train_reward_stage.main(["--sft", f"{world}/sft", "--out", f"{base}/reward", *common]) != 0:
         raise SystemExit(f"reward stage failed for {name} seed {seed}")
     if train_safety_stage.main(["--reward_stage", f"{base}/reward", "--out", f"{base}/safety", *common]) != 0:
         raise SystemExit(f"safety stage failed for {name} seed {seed}")

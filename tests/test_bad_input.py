@@ -17,9 +17,12 @@ from test_stages import FAST, subset
 import data
 import evaluate
 import merge_policies
+import stage
 import toy
-import train_reward_stage as stage
+import train_reward_stage
 import train_safety_stage
+
+reward_main = train_reward_stage.main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"prompt": "how do i cooking ?", "response_0": "step cooking", "response_1": "sorry i cannot help .",
@@ -44,10 +47,10 @@ def env(tiny_world, full_world, tmp_path_factory):
     pairs = subset(tiny_world, tmp)
     reward, safety = str(tmp / "reward"), str(tmp / "safety")
     common = ["--data", pairs, "--max_steps", "2", *FAST]
-    assert stage.main(["--sft", f"{tiny_world}/sft", "--out", reward, *common]) == 0
+    assert train_reward_stage.main(["--sft", f"{tiny_world}/sft", "--out", reward, *common]) == 0
     assert train_safety_stage.main(["--reward_stage", reward, "--out", safety, *common]) == 0
     other = str(tmp / "other_reward")  # a reward stage on another base model
-    assert stage.main(["--sft", f"{full_world}/sft", "--out", other, *common]) == 0
+    assert train_reward_stage.main(["--sft", f"{full_world}/sft", "--out", other, *common]) == 0
     unfinished = tmp / "unfinished"
     shutil.copytree(reward, unfinished)
     os.remove(unfinished / stage.COMPLETE_FILE)
@@ -81,7 +84,7 @@ def env(tiny_world, full_world, tmp_path_factory):
 def cases(e):
     """(script main, argv, the output folder it must leave untouched, text the error must contain)."""
     sft, new = f"{e['world']}/sft", str(e["tmp"] / "new_run")  # new_run must never appear
-    r = lambda data_file, *extra: (stage.main, ["--sft", sft, "--data", data_file, "--out", new, *extra],  # noqa: E731
+    r = lambda data_file, *extra: (reward_main, ["--sft", sft, "--data", data_file, "--out", new, *extra],  # noqa: E731
                                    e["reward"])
     s = lambda *argv: (train_safety_stage.main, [*argv, "--out", new], e["safety"])  # noqa: E731
     m = lambda *argv: (merge_policies.main, [*argv, "--out", e["mix"]], e["mix"])  # noqa: E731
@@ -96,14 +99,14 @@ def cases(e):
         (*r(e["csv_missing"], "--preference", "safer"), "missing.csv: row 2: missing field 'safer_response_id'"),
         (*r(str(e["tmp"] / "nowhere.jsonl")), "nowhere.jsonl: no such file"),
         (*r(str(e["tmp"])), "is a directory"),
-        (stage.main, ["--sft", str(e["tmp"] / "no_model"), "--data", e["pairs"], "--out", e["reward"]], e["reward"],
+        (reward_main, ["--sft", str(e["tmp"] / "no_model"), "--data", e["pairs"], "--out", e["reward"]], e["reward"],
          "no_model: no such model folder"),
         (*r(e["pairs"], "--load_in_4bit"), "--load_in_4bit (QLoRA, nf4) needs a CUDA GPU"),
         (*r(e["pairs"], "--loss", "dpo", "--risk_level", "0.9"), "--risk_level has no effect with --loss dpo"),
         (*r(e["pairs"], "--risk_measure", "cvar", "--risk_level", "0"), "must be in (0, 1]"),
         (*r(e["pairs"], "--risk_measure", "erm", "--split_vocab"), "--split_vocab applies to"),
         (*r(e["pairs"], "--beta", "-1"), "--beta must be positive"),
-        (stage.main, ["--sft", sft, "--data", e["pairs"], "--out", e["reward"], "--max_steps", "5"], e["reward"],
+        (reward_main, ["--sft", sft, "--data", e["pairs"], "--out", e["reward"], "--max_steps", "5"], e["reward"],
          "holds a finished run with a different config"),
         (*s("--reward_stage", e["other"], "--sft", sft, "--data", e["pairs"]), "is not the base model of"),
         (*s("--reward_stage", e["unfinished"], "--data", e["pairs"]), "the stage did not finish"),

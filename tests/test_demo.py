@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import evaluate
-import train_reward_stage as stage
+import stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

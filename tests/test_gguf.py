@@ -15,8 +15,8 @@ from helpers import byte_tokenizer, write_jsonl
 import data
 import evaluate
 import merge_policies
+import stage
 import study_real
-import train_reward_stage as stage
 import train_safety_stage
 
 gguf = pytest.importorskip("gguf")

@@ -10,8 +10,9 @@ from test_stages import FAST, subset
 
 import evaluate
 import merge_policies
+import stage
 import toy
-import train_reward_stage as stage
+import train_reward_stage
 import train_safety_stage
 
 
@@ -21,7 +22,7 @@ def trained(tiny_world, tmp_path_factory):
     pairs = subset(tiny_world, tmp)
     reward, safety = str(tmp / "reward"), str(tmp / "safety")
     common = ["--data", pairs, "--max_steps", "4", "--lr", "2e-2", *FAST]
-    assert stage.main(["--sft", os.path.join(tiny_world, "sft"), "--out", reward, *common]) == 0
+    assert train_reward_stage.main(["--sft", os.path.join(tiny_world, "sft"), "--out", reward, *common]) == 0
     assert train_safety_stage.main(["--reward_stage", reward, "--out", safety, *common]) == 0
     mix = str(tmp / "mix")
     assert merge_policies.main(["--first", reward, "--second", safety, "--q", "0", "0.3", "1", "--out", mix]) == 0

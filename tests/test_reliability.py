@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 
+import faults
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_stages import FAST, subset
 
-import train_reward_stage as stage
+import stage
+import train_reward_stage
 import train_safety_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,17 +37,16 @@ def reference_run(tiny_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     pairs = subset(tiny_world, tmp)
     out = str(tmp / "uninterrupted")
-    assert stage.main(argv_for(tiny_world, pairs, out)) == 0
+    assert train_reward_stage.main(argv_for(tiny_world, pairs, out)) == 0
     return {"pairs": pairs, "out": out, "tmp": tmp}
 
 
 @pytest.mark.parametrize("point", ["mid_step@5", "mid_checkpoint@4"])
 def test_sigkill_then_resume_reaches_the_uninterrupted_weights(point, reference_run, tiny_world):
     out = str(reference_run["tmp"] / f"killed_{point.split('@')[0]}")
-    env = dict(os.environ, RSA_FAULT=point)
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "train_reward_stage.py"),
-                          *argv_for(tiny_world, reference_run["pairs"], out)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "faults.py"), point,
+                          *argv_for(tiny_world, reference_run["pairs"], out)], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == -9, run.stderr[-2000:]  # killed by SIGKILL
     assert not os.path.exists(out)  # nothing half-written where the finished run goes
     ckpts = os.listdir(os.path.join(out + ".tmp", "checkpoints"))
@@ -53,8 +54,8 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(point, reference_
         assert "step-00000004.tmp" in ckpts and stage.latest_checkpoint(out + ".tmp").endswith("step-00000002")
     else:
         assert stage.latest_checkpoint(out + ".tmp").endswith("step-00000004")
-    assert stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2  # no silent restart
-    assert stage.main(argv_for(tiny_world, reference_run["pairs"], out, extra=["--resume"])) == 0
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2  # no silent restart
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out, extra=["--resume"])) == 0
     assert same_weights(adapter(out), adapter(reference_run["out"]))
     with open(os.path.join(out, stage.METRICS_FILE)) as f:
         steps = [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
@@ -62,14 +63,15 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(point, reference_
 
 
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(reference_run, tiny_world, monkeypatch, capsys):
-    monkeypatch.setenv("RSA_FAULT", "nan_loss@3")
+    faults.plant("nan_loss", 3, monkeypatch.setattr)
     out = str(reference_run["tmp"] / "nan")
-    assert stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2
     err = capsys.readouterr().err
     assert "non-finite loss at step 3" in err and "step-00000002" in err and "--resume" in err
     assert not os.path.exists(out) and stage.latest_checkpoint(out + ".tmp").endswith("step-00000002")
     skip = str(reference_run["tmp"] / "nan_skipped")
-    assert stage.main(argv_for(tiny_world, reference_run["pairs"], skip, extra=["--skip_nonfinite"])) == 0
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], skip,
+                                            extra=["--skip_nonfinite"])) == 0
     with open(os.path.join(skip, stage.COMPLETE_FILE)) as f:
         assert json.load(f)["nonfinite_skipped"] == 1
     assert all(torch.isfinite(v).all() for v in adapter(skip).values())
@@ -77,7 +79,8 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(reference_run, tiny_wo
 
 def test_gradient_checkpointing_gives_the_same_training(reference_run, tiny_world):
     out = str(reference_run["tmp"] / "gc")
-    assert stage.main(argv_for(tiny_world, reference_run["pairs"], out, extra=["--gradient_checkpointing"])) == 0
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out,
+                                            extra=["--gradient_checkpointing"])) == 0
     assert same_weights(adapter(out), adapter(reference_run["out"]), atol=1e-5)
 
 
@@ -85,7 +88,7 @@ def test_load_in_4bit_on_a_cpu_says_it_needs_cuda(reference_run, tiny_world, cap
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
     out = str(reference_run["tmp"] / "q4")
-    assert stage.main(argv_for(tiny_world, reference_run["pairs"], out, extra=["--load_in_4bit"])) == 2
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out, extra=["--load_in_4bit"])) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
@@ -94,7 +97,7 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(reference_ru
     would give each rank its own weights)."""
     common = ["--lora_dropout", "0", "--save_every", "0"]
     one = str(reference_run["tmp"] / "ddp1")
-    assert stage.main(argv_for(tiny_world, reference_run["pairs"], one, steps=3,
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], one, steps=3,
                                extra=[*common, "--batch_size", "8"])) == 0
     two = str(reference_run["tmp"] / "ddp2")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -123,8 +126,8 @@ def test_stacked_reference_is_the_reward_policy(reference_run, tiny_world):
     pairs = reference_run["pairs"]
     assert train_safety_stage.main(["--reward_stage", reference_run["out"], "--data", pairs, "--out", out,
                                     "--max_steps", "3", "--lr", "1e-2", "--reference_mode", "stack", *FAST]) == 0
-    args = stage.parse_args(["--reward_stage", reference_run["out"], "--data", pairs, "--out", out,
-                             "--reference_mode", "stack", *FAST], "safety")
+    args = stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", reference_run["out"], "--data", pairs,
+                                                                "--out", out, "--reference_mode", "stack", *FAST])
     model = train_safety_stage.stacked_model(args, stage.read_stage(reference_run["out"]))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)  # the reward adapter stays frozen
@@ -135,9 +138,45 @@ def test_stacked_reference_is_the_reward_policy(reference_run, tiny_world):
         for p in model.parameters():  # move the new adapter away from zero, as training does
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-        logratio = stage.batch_terms(model, batch, args)[0]
+        logratio = stage.batch_terms(model, batch, stage.LossConfig.from_args(args))[0]
     pi_r = stage.load_policy(reference_run["out"])
     policy_logps = sequence_logps(model, batch)  # both adapters active again after the reference pass
     assert torch.allclose(logratio, policy_logps - sequence_logps(pi_r, batch), atol=1e-4)
     assert logratio.abs().max() > 1e-3
     assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable  # still frozen
+
+
+def test_stacked_reference_keeps_stage_1_on_the_head_and_has_no_dropout(reference_run, tiny_world):
+    """With LoRA on lm_head too, the stacked reference is still pi_r (stage 1's change to the head included, not
+    the bare base head), and two reference passes in train mode agree (dropout off in the reference)."""
+    from test_stages import sequence_logps
+
+    import data
+
+    pairs, tmp = reference_run["pairs"], reference_run["tmp"]
+    lora = ["--lora_target_modules", "q_proj,v_proj,lm_head", "--lora_dropout", "0.5"]
+    reward = str(tmp / "reward_with_head")
+    assert train_reward_stage.main(argv_for(tiny_world, pairs, reward, steps=4, extra=lora)) == 0
+    args = stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", reward, "--data", pairs, "--out",
+                                                                str(tmp / "unused"), *FAST, *lora])
+    model = train_safety_stage.stacked_model(args, stage.read_stage(reward))
+    tok = stage.load_tokenizer(reward)
+    batch = data.collate(data.tokenize_pairs(data.load_pairs(pairs, "safer")[:3], tok, 48, 24), tok.pad_token_id)
+    for module in model.modules():  # attention dropout too: the reference pass must run without it
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    model.train()
+    with torch.no_grad(), stage.reference_context(model):
+        body, _ = stage.backbone_and_head(model)
+        ref = [body(input_ids=batch["input_ids"]).last_hidden_state for _ in range(2)]
+    assert torch.equal(ref[0], ref[1])  # the reference pass is deterministic in train mode
+    assert model.training
+    model.eval()  # the new adapter is still zero: the policy equals pi_r, so the log-ratio is 0 up to rounding
+    with torch.no_grad():
+        logratio = stage.batch_terms(model, batch, stage.LossConfig(measure=None))[0]
+    assert torch.allclose(logratio, torch.zeros_like(logratio), atol=1e-4)
+    pi_r = stage.load_policy(reward)
+    head_delta = stage.reference_head(model, stage.backbone_and_head(model)[1]).weight - \
+        stage.backbone_and_head(model)[1].base_layer.weight
+    assert head_delta.abs().max() > 1e-4  # stage 1 did change the head, and the reference keeps it
+    assert torch.allclose(sequence_logps(model, batch), sequence_logps(pi_r, batch), atol=1e-4)

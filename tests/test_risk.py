@@ -1,4 +1,4 @@
-"""risk.py against independent computations: brute-force loops, closed forms and limit cases (math.md Sec. 2-5)."""
+"""risk.py against independent computations: brute-force loops, closed forms and limit cases (docs/math.md Sec. 2-5)."""
 
 import itertools
 import math
@@ -144,7 +144,7 @@ def test_bad_names_and_levels_raise():
 
 
 def radpo_quantile_transcription(d, p, level, split):
-    """The authors' _calculate_cvar, transcribed with torch.quantile (math.md Sec. 4)."""
+    """The authors' _calculate_cvar, transcribed with torch.quantile (docs/math.md Sec. 2)."""
     if split:
         mid = d.size(-1) // 2
         halves = [(d[..., :mid], p[..., :mid]), (d[..., mid:], p[..., mid:])]
@@ -291,6 +291,58 @@ def test_stepwise_alignment_lands_on_one_shot_optimum():
     assert not torch.allclose(pi_rs, other / other.sum(), atol=1e-3)
 
 
+# ---------------------------------------------------------------- from the tree to the loss (Ra-DPO Thm 3.6)
+
+
+def advantage_optimal_policy(rewards, pi_ref, measure, level, beta):
+    """On an explicit tree: the risk-aware advantages of the reference, A(s_t, a) = Qaug(s_t, a) - Phi_r[Qaug(s_t, .)]
+    with Qaug the augmented reward values under pi_ref and Phi_r(X) = -Phi(-X) the reward-side measure (Ra-DPO
+    Def. 3.2), and the closed-form optimum pi*(a | s_t) = pi_ref exp(A / beta) / Z(s_t) (Ra-DPO Eq. 11-12)."""
+    q_cost = risk.augmented_q_values([-r for r in rewards], pi_ref, measure, level)  # Qaug_reward = -Qaug_cost
+    adv = [-q + risk.risk_measure(q, p, measure, level).unsqueeze(-1) for q, p in zip(q_cost, pi_ref)]
+    star = [torch.softmax(p.log() + a / beta, -1) for p, a in zip(pi_ref, adv)]
+    return adv, star
+
+
+@pytest.mark.parametrize("measure,level", [("expectation", None), ("cvar", 0.3), ("erm", 2.0)])
+def test_sum_of_advantages_is_the_ra_dpo_reward_of_the_loss(measure, level):
+    """Along every response of a small tree, sum_t A(s_t, y_t) = beta log(pi*/pi_ref)(y) + beta SeqRR(y) (Ra-DPO
+    Thm 3.6 and its appendix derivation), where the right side is what the training path computes:
+    risk.sequence_terms (identity heads over the tree's log-probabilities) into risk.preference_loss's reward.
+    ERM is not positively homogeneous: Phi(beta D) = beta ERM_{mu beta}(D), so its SeqRR must be taken at level
+    mu x beta, which is what --erm_on_rewards gives (stage.LossConfig); at level mu the identity fails."""
+    import argparse
+
+    import stage
+
+    k, depth, beta = 3, 3, 0.5
+    costs, pi_ref = random_tree(k=k, depth=depth, seed=7)
+    rewards = [2 * c - 3 for c in costs]  # rewards of either sign
+    adv, star = advantage_optimal_policy(rewards, pi_ref, measure, level, beta)
+    paths = list(itertools.product(range(k), repeat=depth))
+    # per position along each path: log pi*(. | s_t) and log pi_ref(. | s_t) over the k tokens, and the token taken
+    pol = torch.stack([torch.stack([star[t][y[:t]].log() for t in range(depth)]) for y in paths])
+    ref = torch.stack([torch.stack([pi_ref[t][y[:t]].log() for t in range(depth)]) for y in paths])
+    labels = torch.tensor(paths)
+    mask = torch.ones(len(paths), depth, dtype=torch.bool)
+    want = torch.tensor([sum(adv[t][y[: t + 1]].item() for t in range(depth)) for y in paths], dtype=torch.float64)
+    head = torch.nn.Linear(k, k, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(k, dtype=torch.float64))
+    flags = argparse.Namespace(loss="ra_dpo1", risk_measure=measure, risk_level=level, beta=beta, alpha=0.5,
+                               split_vocab=False, loss_reduction="mean", chunk_size=5,
+                               erm_on_rewards=measure == "erm")
+    lc = stage.LossConfig.from_args(flags)
+    logratio, _, seq_rr = risk.sequence_terms(pol, ref, head, head, labels, mask, lc.measure, lc.level, lc.chunk_size)
+    reward = risk.preference_loss(logratio, logratio, seq_rr, seq_rr, beta=lc.beta, variant=lc.loss)[1]
+    assert want.abs().max() > 0.1 and want.std() > 0.1  # a tree where the advantages matter
+    # the vocabulary terms run in fp32 (risk.py's numerics), sums of 3 positions of size ~1: 1e-5 is fp32 rounding
+    assert torch.allclose(reward.double(), want, atol=1e-5)
+    if measure == "erm":  # the same mu on D (the default) is a different risk aversion: the identity fails
+        unscaled = risk.sequence_terms(pol, ref, head, head, labels, mask, "erm", level)[2]
+        assert not torch.allclose((beta * (logratio + unscaled)).double(), want, atol=1e-2)
+
+
 # ---------------------------------------------------------------- Sec. 4: sequential terms
 
 
@@ -390,7 +442,7 @@ def test_full_vocabulary_and_extreme_logits_stay_finite(measure, level):
 
 
 def tdpo_transcription(pol_w, ref_w, y_w, m_w, pol_l, ref_l, y_l, m_l, beta, alpha, version):
-    """TDPO written from the TDPO paper / math.md, float64, with its own per-position KL."""
+    """TDPO written from the TDPO paper / docs/math.md Sec. 5, float64, with its own per-position KL."""
     def seq(pol, ref, y, m):
         p_ref = torch.softmax(ref.double(), -1)
         log_pi = torch.log_softmax(pol.double(), -1)

@@ -9,8 +9,11 @@ import torch
 from helpers import write_jsonl
 
 import data
-import train_reward_stage as stage
+import stage
+import train_reward_stage
 import train_safety_stage
+
+reward_main = train_reward_stage.main
 
 FAST = ["--max_length", "48", "--max_prompt_length", "24", "--batch_size", "8", "--lora_r", "4", "--log_every", "5"]
 
@@ -32,7 +35,7 @@ def stages(tiny_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stages")
     pairs = subset(tiny_world, tmp)
     reward = str(tmp / "reward")
-    assert stage.main(["--sft", os.path.join(tiny_world, "sft"), "--data", pairs, "--eval_data", pairs,
+    assert train_reward_stage.main(["--sft", os.path.join(tiny_world, "sft"), "--data", pairs, "--eval_data", pairs,
                        "--eval_pairs", "32", "--out", reward, "--max_steps", "24", "--lr", "1e-2", *FAST]) == 0
     safety = str(tmp / "safety")
     assert train_safety_stage.main(["--reward_stage", reward, "--data", pairs, "--eval_data", pairs,
@@ -78,11 +81,10 @@ def test_safety_stage_reference_is_the_reward_policy(stages, tiny_world):
     sft = stage.load_base_model(os.path.join(tiny_world, "sft"))
     # the safety stage's training model: the merged reward policy with the safety adapter on top
     model = PeftModel.from_pretrained(stage.load_policy(stages["reward"]), stages["safety"])
-    args = stage.parse_args(["--reward_stage", "x", "--data", "x", "--out", "x", "--max_length", "48",
-                             "--max_prompt_length", "24"], "safety")
+    lc = stage.LossConfig(beta=0.01)
     with torch.no_grad():
-        logratio = stage.batch_terms(model, batch, args)[0]
-        again = stage.batch_terms(model, batch, args)[0]
+        logratio = stage.batch_terms(model, batch, lc)[0]
+        again = stage.batch_terms(model, batch, lc)[0]
     want = sequence_logps(pi_rs, batch) - sequence_logps(pi_r, batch)
     assert torch.allclose(logratio, want, atol=1e-4)  # reference = pi_r
     assert torch.equal(logratio, again)  # deterministic
@@ -124,15 +126,15 @@ def test_errors_before_training(stages, tiny_world, full_world, tmp_path, capsys
                                    "--data", stages["pairs"]], "is not the base model"),
         (train_safety_stage.main, ["--reward_stage", stages["reward"], "--data", no_safer_file],
          "missing field 'safer_response_id'"),
-        (stage.main, ["--sft", sft, "--data", stages["pairs"], "--loss", "dpo", "--risk_measure", "cvar"],
+        (reward_main, ["--sft", sft, "--data", stages["pairs"], "--loss", "dpo", "--risk_measure", "cvar"],
          "--risk_measure has no effect with --loss dpo"),
-        (stage.main, ["--sft", sft, "--data", stages["pairs"], "--risk_measure", "cvar", "--split_vocab"],
+        (reward_main, ["--sft", sft, "--data", stages["pairs"], "--risk_measure", "cvar", "--split_vocab"],
          "--split_vocab applies to --risk_measure cvar_radpo only"),
-        (stage.main, ["--sft", sft, "--data", stages["pairs"], "--risk_measure", "cvar", "--risk_level", "1.5"],
+        (reward_main, ["--sft", sft, "--data", stages["pairs"], "--risk_measure", "cvar", "--risk_level", "1.5"],
          "(0, 1]"),
-        (stage.main, ["--sft", sft, "--data", stages["pairs"], "--max_length", "16", "--max_prompt_length", "16"],
+        (reward_main, ["--sft", sft, "--data", stages["pairs"], "--max_length", "16", "--max_prompt_length", "16"],
          "must be smaller than --max_length"),
-        (stage.main, ["--sft", str(tmp_path / "nomodel"), "--data", stages["pairs"]], "no such model folder"),
+        (reward_main, ["--sft", str(tmp_path / "nomodel"), "--data", stages["pairs"]], "no such model folder"),
     ]
     for main, argv, message in cases:
         out = str(tmp_path / "out")
@@ -143,10 +145,60 @@ def test_errors_before_training(stages, tiny_world, full_world, tmp_path, capsys
 
 
 def test_parity_preset_and_baselines_are_settings():
-    a = stage.parse_args(["--sft", "s", "--data", "d", "--out", "o", "--radpo_parity"])
+    reward = train_reward_stage.build_parser
+    a = stage.parse_args(reward(), ["--sft", "s", "--data", "d", "--out", "o", "--radpo_parity"])
     assert (a.loss, a.risk_measure, a.risk_level, a.split_vocab, a.loss_reduction, a.lr) == \
         ("ra_dpo1", "cvar_radpo", 0.95, True, "sum", 5e-6)
-    b = stage.parse_args(["--sft", "s", "--data", "d", "--out", "o", "--radpo_parity", "--lr", "1e-4"])
+    # the rest of the authors' setup (zlj123-max/Ra-DPO config/config.yaml and config/model/base_model.yaml)
+    assert (a.warmup_steps, a.max_grad_norm, a.max_length, a.max_prompt_length) == (150, 5.0, 512, 256)
+    b = stage.parse_args(reward(), ["--sft", "s", "--data", "d", "--out", "o", "--radpo_parity", "--lr", "1e-4"])
     assert b.lr == 1e-4  # an explicit flag wins over the preset
-    assert stage.parse_args(["--reward_stage", "r", "--data", "d", "--out", "o"], "safety").beta == 0.01
-    assert stage.parse_args(["--reward_stage", "r", "--data", "d", "--out", "o"], "safety").preference == "safer"
+    assert stage.parse_args(reward(), ["--sft", "s", "--data", "d", "--out", "o"]).beta == 0.1
+    safety = stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", "r", "--data", "d", "--out", "o"])
+    assert safety.beta == 0.01
+
+
+def test_a_finished_stage_is_recognised_before_any_weights_load(stages, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded for a run that was already complete")
+
+    for name in ("load_base_model", "load_policy", "load_tokenizer"):
+        monkeypatch.setattr(stage, name, no_loading)
+    argv = ["--data", stages["pairs"], "--eval_data", stages["pairs"], "--eval_pairs", "32", *FAST]
+    sft = stage.read_stage(stages["reward"])["base_model"]
+    assert reward_main(["--sft", sft, "--out", stages["reward"], "--max_steps", "24", "--lr", "1e-2", *argv]) == 0
+    assert train_safety_stage.main(["--reward_stage", stages["reward"], "--out", stages["safety"], "--max_steps", "8",
+                                    "--lr", "1e-2", *argv]) == 0
+    assert capsys.readouterr().out.count("already complete with this config; nothing to do") == 2
+
+
+@pytest.mark.parametrize("script", [train_reward_stage, train_safety_stage])
+def test_help_shows_the_stage_description_and_every_default(script):
+    parser = script.build_parser()
+    text = parser.format_help()
+    assert script.__doc__.splitlines()[0] in text
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    for action in flags:  # argparse shows "(default: ...)" only for flags with help text
+        assert action.help and "default" in parser._get_formatter()._get_help_string(action), action.dest
+    assert text.count("(default:") >= len(flags)
+
+
+def test_second_stage_takes_the_other_preference_and_records_the_order_run(stages, tmp_path, capsys):
+    """RSA(S->H): a safer-first reward stage makes the second stage default to `better`; the same preference
+    twice is refused unless asked for."""
+    common = ["--data", stages["pairs"], "--max_steps", "1", *FAST]
+    first = str(tmp_path / "safer_first")
+    sft = stage.read_stage(stages["reward"])["base_model"]
+    assert reward_main(["--sft", sft, "--out", first, "--preference", "safer", *common]) == 0
+    assert stage.read_stage(first)["order"] == "S"
+    second = str(tmp_path / "then_helpful")
+    assert train_safety_stage.main(["--reward_stage", first, "--out", second, *common]) == 0
+    cfg = stage.read_stage(second)
+    assert (cfg["args"]["preference"], cfg["order"]) == ("better", "S->H")
+    assert stage.read_stage(stages["safety"])["order"] == "H->S"
+    same = str(tmp_path / "same")
+    assert train_safety_stage.main(["--reward_stage", first, "--out", same, "--preference", "safer", *common]) == 2
+    assert "trained on it already" in capsys.readouterr().err and not os.path.exists(same)
+    assert train_safety_stage.main(["--reward_stage", first, "--out", same, "--preference", "safer",
+                                    "--same_preference", *common]) == 0
+    assert stage.read_stage(same)["order"] == "S->S"

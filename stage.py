@@ -1,0 +1,821 @@
+"""The machinery both RSA stages share: what a stage leaves on disk, models, the common flags, one batch of the
+Ra-DPO loss, and the training loop with checkpoints and exact resume.
+
+    Sec. 1  stage outputs on disk   is_stage, read_stage, plain_model, load_policy, config_fingerprint, check_output
+    Sec. 2  models                  load_base_model, load_tokenizer, lora_config, add_lora, backbone_and_head
+    Sec. 3  flags both stages share add_shared_flags, parse_args, LossConfig
+    Sec. 4  one batch               reference_context, batch_terms, batch_loss, evaluate_pairs
+    Sec. 5  the loop                Runtime, train (start_or_resume, one_update, publish), checkpoints
+
+The stage scripts (train_reward_stage.py, train_safety_stage.py) hold only what differs between the stages: their
+own flags, the policy and reference each starts from, and `main`. The math lives in risk.py (docs/math.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import warnings
+
+import torch
+from tqdm import tqdm
+
+import data
+import risk
+
+CONFIG_FILE, COMPLETE_FILE, METRICS_FILE = "rsa_config.json", "complete.json", "metrics.jsonl"
+# Settings that do not change what a run computes: a re-run that differs only in these is the same run.
+NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every"}
+# The Ra-DPO authors' published setup (docs/math.md Sec. 4 and 8), from zlj123-max/Ra-DPO: config/config.yaml
+# (lr 5e-6, warmup_steps 150), config/model/base_model.yaml (max_grad_norm 5.0, max_length 512,
+# max_prompt_length 256), and their loss code (Ra-DPO_1, the two-halves CVaR threshold, the loss summed over pairs).
+RADPO_PARITY = dict(loss="ra_dpo1", risk_measure="cvar_radpo", risk_level=0.95, split_vocab=True,
+                    loss_reduction="sum", lr=5e-6, warmup_steps=150, max_grad_norm=5.0, max_length=512,
+                    max_prompt_length=256)
+# In the stacked-adapter safety stage, the frozen reward-stage adapter carries this name; the loop finds the
+# reference by looking for it in the model's peft config (as TRL looks for its "ref" adapter).
+REFERENCE_ADAPTER = "reference"
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit code 2, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------- 1. stage outputs
+
+
+def model_source(path, gguf_file=None):
+    """(folder or hub name, gguf file name or None): a path to a .gguf file is split into its folder and name."""
+    if gguf_file is None and path.endswith(".gguf"):
+        return os.path.dirname(path) or ".", os.path.basename(path)
+    return path, gguf_file
+
+
+def is_hub_name(path):
+    """A Hugging Face hub id such as `org/name` (for paths that do not exist locally)."""
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
+
+
+def is_stage(path):
+    return os.path.exists(os.path.join(path, CONFIG_FILE))
+
+
+def read_stage(folder):
+    """The rsa_config.json of a finished stage; errors for missing or unfinished ones."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder}: no such stage output folder")
+    if not is_stage(folder):
+        raise UsageError(f"{folder}: not a stage output (no {CONFIG_FILE})")
+    if not os.path.exists(os.path.join(folder, COMPLETE_FILE)):
+        raise UsageError(f"{folder}: the stage did not finish (no {COMPLETE_FILE}); rerun it first")
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        return json.load(f)
+
+
+def plain_model(path, gguf_file=None):
+    """The description of a model that is not a stage output: a model folder, a hub name, or a GGUF file."""
+    folder, name = model_source(path, gguf_file)
+    local = os.path.exists(folder) or not is_hub_name(folder)
+    if name and local and not os.path.isfile(os.path.join(folder, name)):
+        raise UsageError(f"{os.path.join(folder, name)}: no such GGUF file")
+    if not name and local and not os.path.exists(path):
+        raise UsageError(f"{path}: no such stage output or model folder")
+    if not name and local and not os.path.exists(os.path.join(path, "config.json")):
+        raise UsageError(f"{path}: neither a stage output nor a model folder (no config.json)")
+    return {"stage": None, "base_model": path, "gguf_file": gguf_file, "parent": None}
+
+
+def describe(path, gguf_file=None):
+    """What a model argument is: a finished stage (its config) or a plain model (folder, hub name, .gguf file)."""
+    return read_stage(path) if is_stage(path) else plain_model(path, gguf_file)
+
+
+def load_policy(folder, trust_remote_code=False):
+    """A finished stage's policy as a plain transformers model: its base with every adapter on the way merged in.
+    (A safety stage's adapter sits on its reward stage's merged policy.) Also accepts a plain model folder, a hub
+    name or a .gguf file."""
+    from peft import PeftModel
+
+    if not is_stage(folder):
+        return load_base_model(folder, trust_remote_code=trust_remote_code)
+    cfg = read_stage(folder)
+    if cfg.get("parent"):
+        base = load_policy(cfg["parent"], trust_remote_code)
+    else:
+        base = load_base_model(cfg["base_model"], cfg.get("gguf_file"), trust_remote_code)
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+
+
+def fingerprint(config):
+    """What must agree for two checkpoints to share a base: architecture and shapes (from a model's config)."""
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads")
+    return {"model_type": config.model_type, **{k: getattr(config, k, None) for k in keys}}
+
+
+def config_fingerprint(path, gguf_file=None, trust_remote_code=False):
+    """The fingerprint of the model at `path` read from its config alone, without loading any weights."""
+    from transformers import AutoConfig
+
+    folder, gguf_file = model_source(path, gguf_file)
+    if not os.path.exists(folder) and not is_hub_name(folder):
+        raise UsageError(f"{folder}: no such model folder")
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read a model config ({str(e).splitlines()[0]})") from None
+    return fingerprint(config)
+
+
+def run_config(args, stage, extra):
+    cfg = {"stage": stage, "args": {k: v for k, v in vars(args).items() if k not in NOT_PART_OF_RUN}}
+    cfg.update(extra)
+    return cfg
+
+
+def check_output(out, cfg, overwrite):
+    """True when `out` already holds this finished run (nothing to do); errors when it holds another one."""
+    if not os.path.exists(out):
+        return False
+    done = os.path.exists(os.path.join(out, COMPLETE_FILE))
+    if done:
+        with open(os.path.join(out, CONFIG_FILE)) as f:
+            old = json.load(f)
+        if old == cfg:
+            return True
+        if not overwrite:
+            changed = sorted(k for k in set(old["args"]) | set(cfg["args"]) if old["args"].get(k) != cfg["args"].get(k))
+            raise UsageError(f"{out}: holds a finished run with a different config (differs in: "
+                             f"{', '.join(changed) or 'stage inputs'}); pass --overwrite to replace it")
+    elif not overwrite:
+        raise UsageError(f"{out}: exists but holds no finished run; pass --overwrite to replace it")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- 2. models
+
+
+def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=False):
+    """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), fp32 (or
+    4-bit nf4 with bf16 compute for QLoRA, on CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    path, gguf_file = model_source(path, gguf_file)
+    if not os.path.exists(path) and not is_hub_name(path):
+        raise UsageError(f"{path}: no such model folder")
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if gguf_file:
+        from transformers import GgufConfig
+
+        if load_in_4bit:
+            raise UsageError(f"--load_in_4bit with the GGUF file {gguf_file}: GGUF weights load de-quantised to fp32; "
+                             "save the model with save_pretrained and pass that folder to quantise it with nf4")
+        # de-quantised at load: a plain dense model that trains and saves like any other
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    else:
+        kwargs["use_safetensors"] = True  # never unpickle weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot load a causal LM with safetensors weights ({str(e).splitlines()[0]})") \
+            from None
+    model.config.use_cache = False
+    for module in model.modules():  # a deterministic reference: no dropout outside the LoRA layers added later
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def load_tokenizer(path, gguf_file=None, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    path, gguf_file = model_source(path, gguf_file)
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # the masks never rely on pad ids
+    return tok
+
+
+def lora_config(args):
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def prepare_base(model, args):
+    """Gradient checkpointing (non-reentrant) and the k-bit preparation of QLoRA, before adapters are added."""
+    if args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_lora(model, args):
+    """The trainable LoRA adapter ("default") on `model`; switched off, it leaves `model` itself: the reference."""
+    from peft import get_peft_model
+
+    torch.manual_seed(args.seed)  # the adapter's initialisation is part of the run, whatever ran before
+    try:
+        return get_peft_model(prepare_base(model, args), lora_config(args))
+    except ValueError as e:
+        raise UsageError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
+
+
+def freeze_adapter(model, name):
+    for n, p in model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(False)
+
+
+def backbone_and_head(model):
+    """The transformer body (to get final hidden states without full logits) and the output projection."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+
+
+# ---------------------------------------------------------------------------------------------- 3. shared flags
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
+def add_shared_flags(p):
+    """The flags both stages take (each stage script adds its own first: its model, beta and preference)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--gguf_file", default=None, help="name of a .gguf file inside the model folder (or pass its path)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
+    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA scaling numerator (update x alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input (policy pass only)")
+    g.add_argument("--lora_target_modules", default="all-linear",
+                   help="comma-separated module names, or all-linear (every linear layer but the output head; "
+                        "works for Llama-, GPT-2- and Qwen-shaped models)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="preference data: a local jsonl/json/jsonl.gz/parquet/csv file or "
+                                                 "a hub name (PKU-Alignment/PKU-SafeRLHF, Anthropic/hh-rlhf)")
+    g.add_argument("--data_dir", default=None, help="hub data_dir (e.g. harmless-base for Anthropic/hh-rlhf)")
+    g.add_argument("--split", default="train", help="hub split")
+    g.add_argument("--schema", default=None, choices=data.SCHEMAS, help="force the schema (default: detect)")
+    g.add_argument("--eval_data", default=None, help="held-out pairs (default: --eval_pairs split off --data)")
+    g.add_argument("--eval_split", default="test", help="hub split of --eval_data")
+    g.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs evaluated (split off if no --eval_data)")
+    g.add_argument("--strict", action="store_true", help="treat dropped rows as errors")
+    g.add_argument("--max_length", type=int, default=512, help="prompt + response tokens")
+    g.add_argument("--max_prompt_length", type=int, default=128, help="prompt tokens kept (from the end)")
+    g.add_argument("--prompt_format", default="auto", choices=data.PROMPT_FORMATS,
+                   help="auto: the tokenizer's chat template if it has one, else raw text for HH dialogues and the PKU "
+                        "template for the rest")
+    g = p.add_argument_group("loss (docs/math.md Sec. 4-5)")
+    g.add_argument("--loss", default="ra_dpo2", choices=risk.VARIANTS, help="the preference loss")
+    g.add_argument("--risk_measure", default="cvar_radpo", choices=risk.MEASURES,
+                   help="expectation gives TDPO; cvar is the paper form, cvar_radpo the authors' code form")
+    g.add_argument("--risk_level", type=float, default=0.95, help="CVaR tail mass in (0, 1], or ERM's mu > 0")
+    g.add_argument("--erm_on_rewards", action="store_true",
+                   help="erm: --risk_level is mu on the implicit reward beta * D instead of on D, so one value means "
+                        "one risk aversion at every beta (mu on D = level x beta; docs/math.md Sec. 2)")
+    g.add_argument("--alpha", type=float, default=0.5, help="ra_dpo2 loss weight of the risk term (not the level)")
+    g.add_argument("--split_vocab", action="store_true", help="cvar_radpo: the authors' two-halves threshold quirk")
+    g.add_argument("--loss_reduction", default="mean", choices=("mean", "sum"),
+                   help="over pairs in a batch (the Ra-DPO code sums)")
+    g.add_argument("--radpo_parity", action="store_true",
+                   help="the Ra-DPO authors' setup: " + ", ".join(f"{k}={v}" for k, v in RADPO_PARITY.items()))
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LoRA weights")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
+    g.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
+    g.add_argument("--batch_size", type=int, default=8, help="pairs per micro-batch")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--warmup_ratio", type=float, default=0.03, help="linear warm-up, as a share of the steps")
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps; overrides --warmup_ratio if > 0")
+    g.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"),
+                   help="learning-rate decay after the warm-up")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--chunk_size", type=int, default=256, help="response positions per chunk of vocabulary terms")
+    g.add_argument("--seed", type=int, default=42, help="data order, held-out split and LoRA initialisation")
+    g.add_argument("--skip_nonfinite", action="store_true",
+                   help="skip a batch whose loss or gradient is not finite (counted) instead of stopping the run")
+    g = p.add_argument_group("compute")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on those that do not "
+                        "(T4, V100), fp32 on a CPU")
+    g.add_argument("--load_in_4bit", action="store_true",
+                   help="QLoRA: the base in 4-bit nf4 with bf16 compute (needs CUDA and bitsandbytes)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (non-reentrant)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run with a different config")
+    g.add_argument("--log_every", type=int, default=10, help="steps between log lines / metrics.jsonl records")
+    g.add_argument("--save_every", type=int, default=50,
+                   help="steps between checkpoints (weights, optimizer, scheduler, RNG, data position); 0: none")
+    g.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
+    g.add_argument("--eval_every", type=int, default=100, help="steps between held-out evaluations")
+    return p
+
+
+def _explicit(argv, name):
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def parse_args(parser, argv=None):
+    """Parse with the parity preset applied under explicit flags, and refuse flag combinations that cannot work."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--radpo_parity" in argv:
+        parser.set_defaults(**RADPO_PARITY)
+    args = parser.parse_args(argv)
+    if args.loss == "dpo":
+        for name in ("risk_measure", "risk_level", "alpha", "split_vocab", "radpo_parity", "erm_on_rewards"):
+            if _explicit(argv, name):
+                raise UsageError(f"--{name} has no effect with --loss dpo (DPO has no risk term); drop one of them")
+    if args.loss == "ra_dpo1" and _explicit(argv, "alpha"):
+        raise UsageError("--alpha weights the risk term of ra_dpo2 only; drop it or use --loss ra_dpo2")
+    if args.split_vocab and args.risk_measure != "cvar_radpo":
+        raise UsageError("--split_vocab applies to --risk_measure cvar_radpo only")
+    if args.erm_on_rewards and args.risk_measure != "erm":
+        raise UsageError("--erm_on_rewards applies to --risk_measure erm only")
+    try:
+        if args.loss != "dpo":
+            risk.check_measure(args.risk_measure, args.risk_level)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.load_in_4bit and not torch.cuda.is_available():
+        raise UsageError("--load_in_4bit (QLoRA, nf4) needs a CUDA GPU and bitsandbytes; this machine has no CUDA "
+                         "device: drop the flag to train in full precision on the CPU")
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
+    if args.max_prompt_length >= args.max_length:
+        raise UsageError(f"--max_prompt_length ({args.max_prompt_length}) must be smaller than --max_length "
+                         f"({args.max_length})")
+    for name in ("beta", "lr", "batch_size", "grad_accum", "chunk_size", "lora_r"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    return args
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The few values the loss needs (docs/math.md Sec. 4-5); `measure` None means DPO (no risk term)."""
+
+    loss: str = "ra_dpo2"
+    measure: str | None = "cvar_radpo"
+    level: float | None = 0.95
+    beta: float = 0.1
+    alpha: float = 0.5
+    split_vocab: bool = False
+    reduction: str = "mean"
+    chunk_size: int = 256
+
+    @classmethod
+    def from_args(cls, args):
+        level = args.risk_level
+        if getattr(args, "erm_on_rewards", False):  # ERM_nu(beta D) = beta ERM_{nu beta}(D)
+            level = level * args.beta
+        return cls(loss=args.loss, measure=None if args.loss == "dpo" else args.risk_measure, level=level,
+                   beta=args.beta, alpha=args.alpha, split_vocab=args.split_vocab, reduction=args.loss_reduction,
+                   chunk_size=args.chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------- 4. one batch
+
+
+@contextlib.contextmanager
+def reference_context(model):
+    """The reference: the same weights with the trained adapter off (the SFT model in the reward stage, the merged
+    pi_r in the safety stage), or, when the model carries a frozen REFERENCE_ADAPTER (the stacked safety stage), that
+    adapter alone. In eval mode, so no dropout of any kind (LoRA or attention) touches the reference."""
+    was_training = model.training
+    model.eval()
+    try:
+        if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+            active = list(model.base_model.active_adapters)
+            model.base_model.set_adapter(REFERENCE_ADAPTER)
+            try:
+                yield
+            finally:
+                model.base_model.set_adapter(active)
+                freeze_adapter(model, REFERENCE_ADAPTER)  # set_adapter marks the active adapters trainable
+        else:
+            with model.disable_adapter():
+                yield
+    finally:
+        model.train(was_training)
+
+
+def reference_head(model, head):
+    """The reference's output projection. With LoRA on the head, the frozen base layer, plus the reference adapter's
+    own update when the model carries one (stacked mode keeps stage 1's change to the head)."""
+    base = getattr(head, "base_layer", None)
+    if base is None:
+        return head
+    if REFERENCE_ADAPTER not in getattr(head, "lora_A", {}):
+        return base
+    ref = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                          device=base.weight.device, dtype=base.weight.dtype)
+    with torch.no_grad():
+        ref.weight.copy_(base.weight + head.get_delta_weight(REFERENCE_ADAPTER).to(base.weight.dtype))
+        if base.bias is not None:
+            ref.bias.copy_(base.bias)
+    return ref.requires_grad_(False)
+
+
+def batch_terms(model, batch, lc):
+    """Per-sequence (logratio, kl, risk, logps) for a collated batch (chosen rows first), from one policy forward
+    and one reference forward."""
+    body, head = backbone_and_head(model)
+    ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state
+    with torch.no_grad(), reference_context(model):
+        ref_hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state
+    # position t predicts token t + 1: shift once here, risk.py never shifts
+    return risk.sequence_terms(hidden[:, :-1], ref_hidden[:, :-1], head, reference_head(model, head), ids[:, 1:],
+                               resp[:, 1:], lc.measure, lc.level, lc.chunk_size, split_vocab=lc.split_vocab,
+                               with_logps=True)
+
+
+def batch_loss(model, batch, lc):
+    """The loss of a batch and its metrics (the names TRL users know, plus the Ra-DPO paper's rewards)."""
+    logratio, kl, rr, logps = batch_terms(model, batch, lc)
+    n = logratio.shape[0] // 2
+    w, l = slice(0, n), slice(n, 2 * n)
+    losses, cw, cl = risk.preference_loss(logratio[w], logratio[l], None if rr is None else rr[w],
+                                          None if rr is None else rr[l], lc.beta, lc.alpha, lc.loss)
+    loss = losses.mean() if lc.reduction == "mean" else losses.sum()
+    rw, rl = lc.beta * logratio[w].detach(), lc.beta * logratio[l].detach()
+    m = {"loss": loss.item(),
+         "rewards/chosen": rw.mean().item(), "rewards/rejected": rl.mean().item(),
+         "rewards/margins": (rw - rl).mean().item(), "rewards/accuracies": (rw > rl).float().mean().item(),
+         "rewards_ra/chosen": cw.mean().item(), "rewards_ra/rejected": cl.mean().item(),
+         "rewards_ra/margins": (cw - cl).mean().item(), "rewards_ra/accuracies": (cw > cl).float().mean().item(),
+         "logps/chosen": logps[w].mean().item(), "logps/rejected": logps[l].mean().item(),
+         "kl/chosen": kl[w].mean().item(), "kl/rejected": kl[l].mean().item()}
+    if rr is not None:
+        m.update({"risk/chosen": rr[w].mean().item(), "risk/rejected": rr[l].mean().item(),
+                  "risk/margins": (rr[l] - rr[w]).mean().item()})
+    return loss, m
+
+
+@torch.no_grad()
+def evaluate_pairs(model, examples, lc, batch_size, pad_id, device="cpu"):
+    """Mean metrics over held-out pairs (weighted by pairs)."""
+    was_training = model.training
+    model.eval()
+    totals, count = {}, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start: start + batch_size]
+        batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
+        _, m = batch_loss(model, batch, lc)
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + v * len(chunk)
+        count += len(chunk)
+    model.train(was_training)
+    return {k: v / count for k, v in totals.items()}
+
+
+def prepare_data(args, tokenizer):
+    """Tokenised (train, eval) examples, with every drop counted."""
+    try:
+        pairs = data.load_pairs(args.data, args.preference, args.schema, args.split, args.data_dir, args.strict)
+        if args.eval_data:
+            eval_pairs = data.load_pairs(args.eval_data, args.preference, args.schema, args.eval_split,
+                                         args.data_dir, args.strict)[: args.eval_pairs]
+        else:
+            rng = random.Random(args.seed)
+            pairs = pairs[:]
+            rng.shuffle(pairs)
+            n_eval = min(args.eval_pairs, len(pairs) // 10)
+            eval_pairs, pairs = pairs[:n_eval], pairs[n_eval:]
+            print(f"[data] held out {n_eval} of the training pairs for evaluation (no --eval_data)")
+        tok = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                   prompt_format=args.prompt_format, strict=args.strict)
+        train = data.tokenize_pairs(pairs, tokenizer, source=args.data, **tok)
+        held = data.tokenize_pairs(eval_pairs, tokenizer, source=args.eval_data or args.data, **tok)
+    except data.DataError as e:
+        raise UsageError(str(e)) from None
+    if not train:
+        raise UsageError(f"{args.data}: no training pairs left after filtering")
+    return train, held
+
+
+# ---------------------------------------------------------------------------------------------- 5. the loop
+
+
+class Runtime:
+    """Where and how a run computes: device, mixed precision, and (under `accelerate launch` / torchrun) the
+    process group. Gradients of the LoRA parameters are all-reduced by hand, so every rank's step equals one
+    process stepping on the whole global batch."""
+
+    def __init__(self, precision="auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        cuda = torch.cuda.is_available()
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if precision == "auto":
+            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        if precision == "fp16" and not cuda:
+            raise UsageError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
+        self.precision = precision
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def all_reduce(self, tensor, op="mean"):
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+            if op == "mean":
+                tensor /= self.world
+        return tensor
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def lr_lambda(args, total_steps):
+    warmup = args.warmup_steps or (max(1, int(args.warmup_ratio * total_steps)) if args.warmup_ratio > 0 else 0)
+
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if args.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if args.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return f
+
+
+def _fsync_write(path, write):
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(work, step, model, opt, sched, cfg, state):
+    """checkpoints/step-N: trainable weights (safetensors), optimizer, scheduler and RNG state (weights-only
+    loadable), the run config, and a completeness marker written last; then renamed into place. Older checkpoints
+    are removed once the new one is complete."""
+    from safetensors.torch import save
+
+    root = os.path.join(work, "checkpoints")
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    _fsync_write(os.path.join(tmp, "trainable.safetensors"), lambda f: f.write(save(weights)))
+    trainer = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+               "torch_rng": torch.get_rng_state(), **state}
+    if torch.cuda.is_available():
+        trainer["cuda_rng"] = torch.cuda.get_rng_state()
+    _fsync_write(os.path.join(tmp, "trainer_state.pt"), lambda f: torch.save(trainer, f))
+    _fsync_write(os.path.join(tmp, CONFIG_FILE), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+    _fsync_write(os.path.join(tmp, COMPLETE_FILE), lambda f: f.write(b"{}"))
+    os.replace(tmp, final)
+    for old in os.listdir(root):
+        if old != os.path.basename(final):
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def latest_checkpoint(work):
+    """The newest complete checkpoint folder in a work folder, or None (incomplete ones are ignored)."""
+    root = os.path.join(work, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root)
+                  if d.startswith("step-") and not d.endswith(".tmp")
+                  and os.path.exists(os.path.join(root, d, COMPLETE_FILE)))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_checkpoint(path, model, opt, sched, cfg):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        if json.load(f) != cfg:
+            raise UsageError(f"{path}: the checkpoint was made with a different config; rerun with the same flags "
+                             "or pass --overwrite to start over")
+    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    opt.load_state_dict(trainer["optimizer"])
+    sched.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["torch_rng"])
+    if "cuda_rng" in trainer and torch.cuda.is_available():
+        torch.cuda.set_rng_state(trainer["cuda_rng"])
+    return trainer
+
+
+def global_batches(n_examples, args, world, rank, start):
+    """Micro-batches for this rank from global micro-batch `start` on. The order is a fixed function of the seed
+    and the epoch (not of the batch size or the number of processes), so a resumed run sees what an uninterrupted
+    one would, and R ranks x B pairs see what one process with R x B pairs would."""
+    size = args.batch_size * world
+    per_epoch = max(1, n_examples // size)
+    m = start
+    while True:
+        epoch, k = divmod(m, per_epoch)
+        order = list(range(n_examples))
+        random.Random(args.seed * 100003 + epoch).shuffle(order)
+        batch = order[k * size: (k + 1) * size]
+        yield batch[rank * args.batch_size: (rank + 1) * args.batch_size]
+        m += 1
+
+
+def start_or_resume(model, opt, sched, args, cfg, rt, work):
+    """(first step, skipped batches): from the last complete checkpoint under --resume, else a fresh work folder.
+    An unfinished run is never silently replaced."""
+    ckpt = latest_checkpoint(work) if os.path.exists(work) else None
+    if ckpt and args.resume:
+        trainer = load_checkpoint(ckpt, model, opt, sched, cfg)
+        if rt.main:
+            print(f"[train] resuming from {ckpt} (step {trainer['step']})", flush=True)
+            with open(os.path.join(work, METRICS_FILE)) as f:  # drop records of steps after the checkpoint
+                kept = [line for line in f if json.loads(line)["step"] <= trainer["step"]]
+            with open(os.path.join(work, METRICS_FILE), "w") as f:
+                f.writelines(kept)
+        return trainer["step"] + 1, trainer["skipped"]
+    if ckpt and not args.overwrite:
+        raise UsageError(f"{work}: holds an unfinished run with a checkpoint at {os.path.basename(ckpt)}; "
+                         "pass --resume to continue it or --overwrite to start over")
+    if args.resume and rt.main:
+        print("[train] --resume: no complete checkpoint found; starting from step 0", flush=True)
+    rt.barrier()
+    if rt.main:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+    rt.barrier()
+    return 1, 0
+
+
+def one_update(model, params, opt, sched, micro_batches, args, lc, rt, step):
+    """One optimizer step over `grad_accum` micro-batches: (metrics, whether the step was applied). A non-finite
+    loss or gradient stops the run, or with --skip_nonfinite skips the batch."""
+    t0, tokens, per_micro = time.time(), 0, []
+    for batch in micro_batches:
+        batch = {k: v.to(rt.device) for k, v in batch.items()}
+        with rt.autocast():
+            loss, m = batch_loss(model, batch, lc)
+        loss = loss / args.grad_accum
+        (rt.scaler.scale(loss) if rt.scaler else loss).backward()
+        tokens += int(batch["attention_mask"].sum())
+        per_micro.append(m)
+    for p in params:  # data parallel: average (or, for a summed loss, add) the gradients of all ranks
+        if p.grad is not None:
+            rt.all_reduce(p.grad, "sum" if lc.reduction == "sum" else "mean")
+    if rt.scaler:
+        rt.scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+    m = {k: sum(x[k] for x in per_micro) / len(per_micro) for k in per_micro[0]}
+    applied = (math.isfinite(m["loss"]) and math.isfinite(grad_norm)) or rt.scaler is not None
+    if not applied and not args.skip_nonfinite:
+        last = latest_checkpoint(args.out.rstrip("/") + ".tmp")
+        raise UsageError(f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step {step}; "
+                         + (f"the last good checkpoint is {last}: fix the cause (e.g. a lower --lr) and rerun with "
+                            "--resume" if last else "no checkpoint yet (see --save_every)")
+                         + "; or pass --skip_nonfinite to skip such batches")
+    if applied and rt.scaler:
+        rt.scaler.step(opt)  # skips the step itself when the scaled gradients overflowed
+        rt.scaler.update()
+    elif applied:
+        opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    m.update({"grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+              "tokens_per_s": tokens * rt.world / (time.time() - t0)})
+    keys = sorted(m)
+    return dict(zip(keys, rt.all_reduce(torch.tensor([m[k] for k in keys], dtype=torch.float64)).tolist())), applied
+
+
+def publish(model, tokenizer, cfg, work, out, summary):
+    """The final output, atomically: adapter, tokenizer and config into the work folder, the completeness marker
+    last, then one rename onto --out."""
+    model.save_pretrained(work, safe_serialization=True)
+    tokenizer.save_pretrained(work)
+    with open(os.path.join(work, CONFIG_FILE), "w") as f:
+        json.dump(cfg, f, indent=1)
+    shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
+    with open(os.path.join(work, COMPLETE_FILE), "w") as f:  # written last: the completeness marker
+        json.dump(summary, f, indent=1)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(work, out)
+
+
+def _line(prefix, m):
+    return (f"{prefix} loss {m['loss']:.4f}, acc {m['rewards/accuracies']:.3f}, margin {m['rewards/margins']:.4f}, "
+            f"kl {m['kl/chosen']:.4f}/{m['kl/rejected']:.4f}")
+
+
+def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt):
+    """The loop both stages share: AdamW, warm-up then decay, accumulation, clipping, mixed precision, logging,
+    held-out evaluation, periodic checkpoints with exact resume, and an atomic final save. `model` is a peft model
+    whose reference is given by reference_context."""
+    out, work, lc, pad = args.out, args.out.rstrip("/") + ".tmp", LossConfig.from_args(args), tokenizer.pad_token_id
+    total = args.max_steps or max(1, math.ceil(args.epochs * max(1, len(train_examples) // (args.batch_size * rt.world))
+                                               / args.grad_accum))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
+    torch.manual_seed(args.seed)
+    first_step, skipped = start_or_resume(model, opt, sched, args, cfg, rt, work)
+    if rt.main:
+        print(f"[train] {cfg['stage']} stage: {len(train_examples)} pairs, {total} steps of {args.batch_size} x "
+              f"{args.grad_accum} pairs x {rt.world} process(es); loss {lc.loss}"
+              + ("" if lc.measure is None else f" ({lc.measure}, level {args.risk_level})")
+              + f", beta {lc.beta}; {rt.precision} on {rt.device}", flush=True)
+    log = open(os.path.join(work, METRICS_FILE), "a") if rt.main else None
+
+    def record(step, split, metrics):
+        log.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        log.flush()
+
+    def run_eval(step):
+        result = None
+        if rt.main and eval_examples:
+            with rt.autocast():
+                result = evaluate_pairs(model, eval_examples, lc, args.batch_size, pad, rt.device)
+            record(step, "eval", result)
+            tqdm.write(_line(f"[eval] step {step}:", result), file=sys.stdout)
+        rt.barrier()
+        return result
+
+    final_eval = run_eval(0) if first_step == 1 else None
+    model.train()
+    stream = global_batches(len(train_examples), args, rt.world, rt.rank, (first_step - 1) * args.grad_accum)
+    window, start = [], time.time()
+    bar = tqdm(range(first_step, total + 1), desc=f"{cfg['stage']} stage", file=sys.stdout, mininterval=1,
+               disable=not rt.main, initial=first_step - 1, total=total)
+    for step in bar:
+        micro = (data.collate([train_examples[i] for i in next(stream)], pad) for _ in range(args.grad_accum))
+        m, applied = one_update(model, params, opt, sched, micro, args, lc, rt, step)
+        if not applied:
+            skipped += 1
+            tqdm.write(f"[train] step {step}: non-finite loss or gradient; batch skipped ({skipped} so far)",
+                       file=sys.stdout)
+        window.append(m)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}", refresh=False)
+        if rt.main and (step % args.log_every == 0 or step == total):
+            avg = {k: sum(x[k] for x in window) / len(window) for k in window[0]}
+            record(step, "train", avg)
+            tqdm.write(_line(f"[train] step {step}/{total}:", avg) + f", grad {avg['grad_norm']:.3f}, lr "
+                       f"{avg['lr']:.2e}, {avg['tokens_per_s']:.0f} tok/s", file=sys.stdout)
+            window = []
+        if step % args.eval_every == 0 and step != total:
+            run_eval(step)
+        if args.save_every and step % args.save_every == 0 and step != total:
+            if rt.main:
+                save_checkpoint(work, step, model, opt, sched, cfg, {"skipped": skipped})
+            rt.barrier()
+    bar.close()
+    final_eval = run_eval(total) or final_eval
+    if rt.main:
+        log.close()
+        publish(model, tokenizer, cfg, work, out, {"steps": total, "seconds": round(time.time() - start, 1),
+                                                   "nonfinite_skipped": skipped, "final_eval": final_eval})
+        print(f"[train] saved {cfg['stage']} stage to {out}" + (f" ({skipped} non-finite batches skipped)"
+                                                               if skipped else ""), flush=True)
+    rt.barrier()
+    return final_eval
