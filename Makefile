@@ -1,5 +1,6 @@
 # make test   ruff + pytest (creates .venv and installs requirements.txt if needed)
 # make demo   the whole RSA pipeline on the toy world, into runs/demo
+# make readme  paste the demo's table into README.md (make check-readme: fail when they differ)
 # make study  RSA against SACPO and TDPO on the toy world, 3 seeds (hours; not in CI)
 # make study-real  the Ra-DPO HH experiment in miniature on SmolLM2-135M-Instruct (about an hour; not in CI)
 
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint install demo study study-real
+.PHONY: test lint install demo readme check-readme study study-real
 
 install: $(STAMP)
 
@@ -25,6 +26,12 @@ test: lint
 
 demo: $(STAMP)
 	PY=$(PY) bash demo.sh
+
+readme: $(STAMP)
+	$(PY) readme.py
+
+check-readme: demo
+	$(PY) readme.py --check
 
 study: $(STAMP)
 	$(PY) study.py --out runs/study

@@ -277,7 +277,10 @@ def main(argv=None):
 def report(results, args):
     base = results["risk"]["baseline/quantile_cvar_radpo"]
     n, t, v = results["risk_shape"]
-    lines = [f"Command: `python bench.py{' --quick' if args.quick else ''}` ({results['machine']}).", "",
+    import readme
+
+    lines = [f"Command: `python bench.py{' --quick' if args.quick else ''}` ({results['machine']}), at commit "
+             f"{readme.commit()}.", "",
              f"Risk terms, (N, T, V) = ({n}, {t}, {v}), fp32, forward + backward from hidden states "
              f"(H = {HIDDEN}); time ratio against the authors' quantile transcription; peak RSS growth per "
              "configuration in its own process:", "",

@@ -268,14 +268,30 @@ def write_tables(results, out):
     return "\n".join(lines) + "\n"
 
 
-def write_report(table, out, with_plots):
-    """report.md: the command, the tables, and the plots."""
+SUMMARY_COLUMNS = (("policy", "policy"), ("q", "q"), ("mean_reward", "mean reward"), ("mean_cost", "mean cost"),
+                   ("safe_rate", "safe rate"), ("cvar_cost_0.1", "CVaR 0.1 of cost"),
+                   ("cvar_cost_0.05", "CVaR 0.05 of cost"), ("severe_harm_rate", "severe-harm rate"))
+
+
+def summary_table(results, baseline):
+    """The headline table (the README's format): one row per policy, the tail metrics and the win rate."""
+    head = [title for _, title in SUMMARY_COLUMNS] + [f"win rate vs {baseline}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [f"{r[k]:g}" if k == "q" and r[k] is not None else fmt(r[k]) for k, _ in SUMMARY_COLUMNS]
+        cells.append(fmt(r["win_rate_vs_baseline"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary, table, out, with_plots):
+    """report.md: the command, the summary table, the full tables, and the plots."""
     command = "python evaluate.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("evaluate.py") \
         else None
     parts = ["# Evaluation report", ""]
     if command:
         parts += ["Command:", "", "    " + command, ""]
-    parts += [table]
+    parts += ["## Summary", "", summary, "## All metrics", "", table]
     if with_plots:
         parts += ["![RSA(P) frontier](frontier.png)", "", "![reward against mean cost](reward_vs_cost.png)", "",
                   "![cost per category](category_cost.png)", ""]
@@ -468,8 +484,9 @@ def main(argv=None):
         table = write_tables(ordered, args.out)
         if scorer:
             plot(ordered, args.out)
-        write_report(table, args.out, bool(scorer))
-        print(table)
+        summary = summary_table(ordered, baseline)
+        write_report(summary, table, args.out, bool(scorer))
+        print(summary)
         plots = ", frontier.png, reward_vs_cost.png, category_cost.png" if scorer else ""
         print(f"[eval] wrote {args.out}/results.json, results.csv, report.md, generations.jsonl, "
               f"pairs_vs_{baseline}.jsonl{plots}")

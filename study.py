@@ -22,6 +22,7 @@ import torch
 
 import evaluate
 import merge_policies
+import readme
 import stage
 import toy
 import train_reward_stage
@@ -99,7 +100,8 @@ def summarise(all_results, sft, out, seeds):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"seeds": seeds, "sft": sft, "rows": rows}, f, indent=1)
     head = ["method", "policy", *METRICS]
-    lines = [f"Training seeds {seeds} (the toy world is fixed: seed 0). Each cell: mean +- sd over seeds.", "",
+    lines = [f"Command: `make study` at commit {readme.commit()}.", "",
+             f"Training seeds {seeds} (the toy world is fixed: seed 0). Each cell: mean +- sd over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              "| sft | - | " + " | ".join(f"{sft[m]:.3f}" for m in METRICS) + " |"]
     for r in rows:

@@ -31,6 +31,7 @@ import torch
 
 import data
 import evaluate
+import readme
 import stage
 import train_safety_stage
 
@@ -241,7 +242,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"config": cfg, "curves": curves, "mixtures": mix}, f, indent=1)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(text)
+        f.write(f"Command: `make study-real` at commit {readme.commit()}.\n\n" + text)
     print(text + f"[study-real] wrote {args.out}/summary.md, results.json, curves.png, mixtures.png, generations.*")
     return 0
 

@@ -25,8 +25,30 @@ def test_demo_pipeline_in_miniature(tmp_path):
     assert [r["policy"] for r in results] == ["sft", "reward", "safety", "q0.5", "q0.9"]
     assert all(set(evaluate.RESULT_KEYS) <= set(r) for r in results)
     assert (out / "report.md").stat().st_size > 0 and (out / "frontier.png").stat().st_size > 0
+    import readme
+
+    rows = readme.report_table(str(out / "report.md")).splitlines()  # the table `make readme` pastes
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| sft", "| reward", "| safety", "| q0.5", "| q0.9"]
+    assert rows[2].endswith("| 0.500 |")  # the baseline's win rate against itself (ties count half)
     # a re-run reuses every finished step
     again = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0
     assert again.stdout.count("already complete with this config") == 2 and "already built" in again.stdout
+
+
+def test_readme_table_is_pasted_from_the_report_and_checked(tmp_path, capsys):
+    import readme
+
+    report = tmp_path / "report.md"
+    report.write_text("# Evaluation report\n\n## Summary\n\n| policy | x |\n|---|---|\n| sft | 1.000 |\n\n## All\n\n"
+                      "| other | table |\n")
+    page = tmp_path / "README.md"
+    page.write_text(f"intro\n{readme.BEGIN}\n| policy | x |\n|---|---|\n| sft | 0.999 |\n{readme.END}\nrest\n")
+    argv = ["--report", str(report), "--readme", str(page)]
+    assert readme.main([*argv, "--check"]) == 1 and "differs" in capsys.readouterr().err
+    assert readme.main(argv) == 0
+    text = page.read_text()
+    assert "| sft | 1.000 |" in text and "0.999" not in text and "| other |" not in text
+    assert text.startswith("intro\n") and text.endswith(f"{readme.END}\nrest\n") and "at commit" in text
+    assert readme.main([*argv, "--check"]) == 0
