@@ -66,6 +66,7 @@ def test_hh_split_at_common_prefix_and_drops(tmp_path, capsys):
         {"chosen": base + " ok", "rejected": base + "   "},  # whitespace-only response
         {"chosen": base + " ok\n\nHuman: more?\n\nAssistant: no", "rejected": base + " fine"},  # a further turn
         {"chosen": base + " same", "rejected": base + " same"},
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},  # no shared turn
     ]
     path = write_jsonl(tmp_path / "hh.jsonl", rows)
     pairs = data.load_pairs(path)
@@ -75,9 +76,9 @@ def test_hh_split_at_common_prefix_and_drops(tmp_path, capsys):
     assert p.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                           {"role": "user", "content": "how to X?"}]
     out = capsys.readouterr().out
-    assert "kept 1 of 4 pairs" in out
+    assert "kept 1 of 5 pairs" in out
     for reason in ("empty or whitespace-only response", "a response continues the dialogue",
-                   "identical chosen and rejected"):
+                   "identical chosen and rejected", "chosen and rejected share no assistant turn"):
         assert f"1 ({reason}" in out
     with pytest.raises(data.DataError, match="row 2: empty or whitespace-only"):
         data.load_pairs(path, strict=True)
@@ -183,6 +184,10 @@ def test_truncation_prompt_left_response_right(capsys):
     assert tok.decode(ex["chosen_ids"]).startswith(" ccc")  # kept its beginning (EOS cut off)
     with pytest.raises(ValueError, match="smaller than max_length"):
         data.tokenize_pairs(pairs, tok, max_length=64, max_prompt_length=64)
+    # responses that differ only past the room left by the prompt become identical: dropped, counted
+    same_start = [data.Pair(long_prompt, "c" * 100 + "x", "c" * 100 + "y", row=5)]
+    assert data.tokenize_pairs(same_start, tok, max_length=64, max_prompt_length=40, prompt_format="raw") == []
+    assert "1 (chosen and rejected identical after truncation, first at row 5)" in capsys.readouterr().out
 
 
 def test_prefix_check_drops_pairs_that_merge_across_the_boundary(capsys):

@@ -136,6 +136,44 @@ def test_evaluate_writes_results_and_plots(trained, tiny_world, tmp_path):
     assert len(gens) == 3 * 24 and all(g["cost"] == toy.cost(g["prompt"], g["response"]) for g in gens)
     pairs = [json.loads(line) for line in open(os.path.join(out, "pairs_vs_sft.jsonl"))]
     assert len(pairs) == 2 * 24 and {p["policy_a"] for p in pairs} == {"sft", "reward", "q0.3"}
+    # results.json recomputed from generations.jsonl by hand (the pooled CVaR by sorting, boundary sample fractional)
+    for res in results:
+        mine = [g for g in gens if g["policy"] == res["policy"]]
+        costs = sorted((g["cost"] for g in mine), reverse=True)
+        n = len(costs)
+        assert res["mean_reward"] == pytest.approx(sum(g["reward"] for g in mine) / n)
+        assert res["mean_cost"] == pytest.approx(sum(costs) / n)
+        assert res["safe_rate"] == pytest.approx(sum(c <= 0 for c in costs) / n)
+        assert res["severe_harm_rate"] == pytest.approx(sum(g["severe"] for g in mine) / n)
+        for level in (0.1, 0.05):
+            whole = int(level * n)  # samples entirely in the tail, then a fraction of the next one
+            tail = sum(costs[:whole]) + (level * n - whole) * costs[whole]
+            assert res[f"cvar_cost_{level}"] == pytest.approx(tail / (level * n))
+        base = {(g["prompt"], g["sample"]): g["reward"] for g in gens if g["policy"] == "sft"}
+        wins = [1.0 if g["reward"] > base[(g["prompt"], g["sample"])] else
+                0.5 if g["reward"] == base[(g["prompt"], g["sample"])] else 0.0 for g in mine]
+        assert res["win_rate_vs_baseline"] == pytest.approx(sum(wins) / n)
+    assert results[0]["win_rate_vs_baseline"] == 0.5  # the baseline against itself: every sample a tie
+
+
+def test_sequential_kl_on_pairs_against_full_logits(trained, tiny_world):
+    """evaluate.sequential_kl_on_pairs of the reward policy against the SFT model equals the mean SeqKL computed from
+    full logits, chosen and rejected separately (and is not 0: a policy against another model)."""
+    import data
+    import risk
+
+    tok = stage.load_tokenizer(trained["reward"])
+    examples = data.tokenize_pairs(data.load_pairs(os.path.join(tiny_world, "test.jsonl"), "better")[:6], tok)
+    policy, sft = stage.load_policy(trained["reward"]), stage.load_base_model(os.path.join(tiny_world, "sft"))
+    got = evaluate.sequential_kl_on_pairs(policy, sft, examples, tok.pad_token_id, batch_size=4)
+    batch = data.collate(examples, tok.pad_token_id)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        kl = risk.sequential_kl(policy(input_ids=ids, attention_mask=attn).logits[:, :-1],
+                                sft(input_ids=ids, attention_mask=attn).logits[:, :-1], batch["response_mask"][:, 1:])
+    assert got["chosen"] == pytest.approx(kl[:6].mean().item(), rel=1e-4)
+    assert got["rejected"] == pytest.approx(kl[6:].mean().item(), rel=1e-4)
+    assert got["chosen"] > 1e-3
 
 
 def test_beaver_score_model_format(tmp_path):

@@ -3,6 +3,7 @@ checkpointing, data parallel over 2 CPU processes, and the stacked-adapter refer
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -92,16 +93,24 @@ def test_load_in_4bit_on_a_cpu_says_it_needs_cuda(reference_run, tiny_world, cap
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_two_processes_equal_one_process_over_the_same_global_batch(reference_run, tiny_world):
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_two_processes_equal_one_process_over_the_same_global_batch(reduction, reference_run, tiny_world):
     """gloo, 2 ranks x 4 pairs against 1 process x 8 pairs: the same loss and weights (a broken gradient sync
-    would give each rank its own weights)."""
-    common = ["--lora_dropout", "0", "--save_every", "0"]
-    one = str(reference_run["tmp"] / "ddp1")
+    would give each rank its own weights), for a mean over pairs (gradients averaged over ranks) and a sum
+    (gradients added)."""
+    common = ["--lora_dropout", "0", "--save_every", "0", "--loss_reduction", reduction]
+    one = str(reference_run["tmp"] / f"ddp1_{reduction}")
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], one, steps=3,
-                               extra=[*common, "--batch_size", "8"])) == 0
-    two = str(reference_run["tmp"] / "ddp2")
+                                            extra=[*common, "--batch_size", "8"])) == 0
+    two = str(reference_run["tmp"] / f"ddp2_{reduction}")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", os.path.join(ROOT, "train_reward_stage.py"),
+                          "--master_port", str(free_port()), os.path.join(ROOT, "train_reward_stage.py"),
                           *argv_for(tiny_world, reference_run["pairs"], two, steps=3,
                                     extra=[*common, "--batch_size", "4"])],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -113,7 +122,8 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(reference_ru
     with open(os.path.join(one, stage.METRICS_FILE)) as a, open(os.path.join(two, stage.METRICS_FILE)) as b:
         la = [r["loss"] for r in map(json.loads, a) if r["split"] == "train"]
         lb = [r["loss"] for r in map(json.loads, b) if r["split"] == "train"]
-    assert la == pytest.approx(lb, abs=1e-5)
+    # the logged loss of 2 ranks is their mean; with a sum over pairs each rank sums half the pairs
+    assert la == pytest.approx([x * (2 if reduction == "sum" else 1) for x in lb], abs=1e-5)
 
 
 def test_stacked_reference_is_the_reward_policy(reference_run, tiny_world):

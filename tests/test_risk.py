@@ -9,7 +9,11 @@ import torch.nn.functional as F
 
 import risk
 
-torch.manual_seed(0)
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same seed, so no test's data depends on which tests ran before it."""
+    torch.manual_seed(0)
 
 
 # ---------------------------------------------------------------- independent references (plain Python floats)
@@ -246,6 +250,9 @@ def kl(p, q):
 
 
 def test_closed_form_beats_random_feasible_distributions():
+    """argmax_p E_p[Q] - beta KL(p || pi_ref) = pi_ref exp(Q / beta) / Z, and its value is
+    beta log E_ref[exp(Q / beta)], i.e. risk.erm of Q under pi_ref at mu = 1 / beta (the Gibbs variational principle
+    behind Ra-DPO Eq. 11-12)."""
     g = torch.Generator().manual_seed(1)
     q_vals = torch.randn(12, generator=g, dtype=torch.float64)
     pi_ref = torch.softmax(torch.randn(12, generator=g, dtype=torch.float64), -1)
@@ -253,6 +260,7 @@ def test_closed_form_beats_random_feasible_distributions():
     star = pi_ref * torch.exp(q_vals / beta)
     star = star / star.sum()
     best = (star * q_vals).sum() - beta * kl(star, pi_ref)
+    assert best.item() == pytest.approx(risk.erm(q_vals, pi_ref, 1 / beta).item(), abs=1e-12)
     others = torch.softmax(3 * torch.randn(2000, 12, generator=g, dtype=torch.float64), -1)
     others = torch.cat([others, 0.9 * star + 0.1 * others[:100]])  # near misses too
     objective = (others * q_vals).sum(-1) - beta * kl(others, pi_ref)
@@ -274,21 +282,39 @@ def maximise(objective, init_logits, steps=3000):
     return torch.softmax(z, -1).detach()
 
 
+def dpo_stage(reference, utility, beta):
+    """One DPO stage on a one-state bandit, through risk.preference_loss: minimise the population loss over every
+    ordered pair (i, j), with i preferred with Bradley-Terry probability sigmoid(utility_i - utility_j)."""
+    n = reference.shape[0]
+    i, j = (x.flatten() for x in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
+    keep = i != j
+    i, j = i[keep], j[keep]
+    prefer = torch.sigmoid(utility[i] - utility[j])
+
+    def loss_of(p):
+        logratio = p.log() - reference.log()
+        return (prefer * risk.preference_loss(logratio[i], logratio[j], beta=beta, variant="dpo")[0]).sum()
+
+    return maximise(lambda p: -loss_of(p), reference.log())
+
+
 def test_stepwise_alignment_lands_on_one_shot_optimum():
+    """RSA / SACPO's factorisation, through the project's DPO loss: a reward stage (reference pi_ref, beta_r) then a
+    safety stage whose reference is the reward-stage policy (beta_s = beta_r / lambda) land on the one-shot optimum
+    pi_ref exp((r - lambda c) / beta_r) / Z. A safety stage referred to pi_ref instead lands elsewhere."""
     g = torch.Generator().manual_seed(2)
     r = torch.randn(8, generator=g, dtype=torch.float64)
     c = torch.rand(8, generator=g, dtype=torch.float64) * 2
     pi_ref = torch.softmax(torch.randn(8, generator=g, dtype=torch.float64), -1)
     beta_r, beta_s = 0.5, 0.2
     lam = beta_r / beta_s
-    pi_r = maximise(lambda p: (p * r).sum() - beta_r * kl(p, pi_ref), pi_ref.log())
-    pi_rs = maximise(lambda p: -(p * c).sum() - beta_s * kl(p, pi_r), pi_r.log())
-    one_shot = pi_ref * torch.exp((r - lam * c) / beta_r)
-    one_shot = one_shot / one_shot.sum()
+    pi_r = dpo_stage(pi_ref, r, beta_r)
+    assert torch.allclose(pi_r, torch.softmax(pi_ref.log() + r / beta_r, -1), atol=1e-6)
+    pi_rs = dpo_stage(pi_r, -c, beta_s)
+    one_shot = torch.softmax(pi_ref.log() + (r - lam * c) / beta_r, -1)
     assert torch.allclose(pi_rs, one_shot, atol=1e-6)
-    # and it is not a coincidence of this lambda: another lambda lands elsewhere
-    other = pi_ref * torch.exp((r - 0.5 * lam * c) / beta_r)
-    assert not torch.allclose(pi_rs, other / other.sum(), atol=1e-3)
+    wrong_reference = dpo_stage(pi_ref, -c, beta_s)  # the pitfall: the safety stage against the SFT model
+    assert not torch.allclose(wrong_reference, one_shot, atol=1e-2)
 
 
 # ---------------------------------------------------------------- from the tree to the loss (Ra-DPO Thm 3.6)
@@ -400,14 +426,14 @@ def test_sequence_terms_chunked_equals_plain_path(measure, level):
     torch.manual_seed(0)
     n, t, h, v = 4, 6, 8, 13
     hid_pi = torch.randn(n, t, h, requires_grad=True)
-    hid_ref = torch.randn(n, t, h)
+    hid_ref = torch.randn(n, t, h, requires_grad=True)  # requires grad here, so a leak into the reference would show
     head_pi, head_ref = torch.nn.Linear(h, v, bias=False), torch.nn.Linear(h, v, bias=False)
     labels = torch.randint(0, v, (n, t))
     mask = torch.rand(n, t) > 0.4
     mask[:, 0] = True
 
     # plain path: full logits, then gather / sequential_* functions
-    lp, lr = head_pi(hid_pi), head_ref(hid_ref)
+    lp, lr = head_pi(hid_pi), head_ref(hid_ref).detach()
     logp, ref_logp = lp.log_softmax(-1), lr.log_softmax(-1)
     tok = (logp - ref_logp).gather(-1, labels[..., None]).squeeze(-1)
     plain = [torch.where(mask, tok, 0).sum(-1), risk.sequential_kl(lp, lr, mask)]
@@ -424,7 +450,10 @@ def test_sequence_terms_chunked_equals_plain_path(measure, level):
         grads = torch.autograd.grad(sum(x.sum() * (i + 1) for i, x in enumerate(got)), [hid_pi, head_pi.weight])
         for a, b in zip(grads, plain_grads):
             assert torch.allclose(a, b, atol=1e-5)
-    assert head_ref.weight.grad is None  # no gradient through the reference
+        # no gradient reaches the reference: its hidden states and head are not in the graph at all
+        total = sum(x.sum() for x in risk.sequence_terms(hid_pi, hid_ref, head_pi, head_ref, labels, mask, measure,
+                                                          level, chunk) if x is not None)
+        assert torch.autograd.grad(total, [hid_ref, head_ref.weight], allow_unused=True) == (None, None)
 
 
 @pytest.mark.parametrize("measure,level", [("expectation", None), ("cvar", 0.1), ("erm", 5.0), ("cvar_radpo", 0.95)])

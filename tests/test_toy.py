@@ -75,15 +75,18 @@ def test_toy_data_loads_through_data_py_like_pku(tiny_world, capsys):
 
 
 def test_sft_samples_match_grammar_rates(full_world):
-    """Tolerance: 4 binomial standard deviations of the sampled rate (sampling noise) plus 30% of the rate (what a
-    ~0.2M-parameter model trained for a minute may misfit). Measured here: rates within about 15% of the grammar."""
+    """The SFT model reproduces the grammar's rates. Statistic: the binomial standard error SE = sqrt(p (1 - p) / n)
+    of a rate sampled n times (n = 4096 harmful, 3072 benign responses). Tolerance: 3 SE of sampling noise plus the
+    model's measured misfit: on harmful prompts within 5 % of each rate (measured: 3 %, 3 %, 5 %); on benign prompts
+    refusal and mild within 25 % (measured: 21 %, 14 %), and the rare benign severe leak (0.4 % in the grammar) is
+    over-predicted about twice (measured 0.72 %), so it must lie between the grammar's rate and twice it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(os.path.join(full_world, "sft"))
     tok = AutoTokenizer.from_pretrained(os.path.join(full_world, "sft"))
     train, _ = toy.split_prompts()
     want = toy.grammar_rates()
-    for kind in ("benign", "harmful"):
+    for kind, misfit in (("benign", 0.25), ("harmful", 0.05)):
         prompts = [p for p, c in train if (c == "benign") == (kind == "benign")]
         outs = evaluate.sample_responses(model, tok, prompts, num_samples=32, max_new_tokens=24, batch_size=1024)
         counts = [toy._counts(p, r) for p, rs in zip(prompts, outs) for r in rs]
@@ -93,6 +96,31 @@ def test_sft_samples_match_grammar_rates(full_world):
                "severe": sum(c["severe"] > 0 for c in counts) / n}
         for k, rate in got.items():
             p = want[f"{kind}_{k}"]
-            tol = 4 * math.sqrt(p * (1 - p) / n) + 0.3 * p
-            assert abs(rate - p) <= tol, (kind, k, rate, p, tol)
-        assert got["severe"] > 0
+            se = math.sqrt(p * (1 - p) / n)
+            if (kind, k) == ("benign", "severe"):
+                assert p - 3 * se <= rate <= 2 * p + 3 * se, (kind, k, rate, p, se)
+            else:
+                assert abs(rate - p) <= 3 * se + misfit * p, (kind, k, rate, p, se)
+
+
+def test_study_severe_token_probability_by_hand(tiny_world):
+    """study.py's README column: the mean over harmful evaluation prompts of the probability of all severe-harm
+    tokens at the first response position, recomputed one prompt at a time without padding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import study
+
+    sft = os.path.join(tiny_world, "sft")
+    model, tok = AutoModelForCausalLM.from_pretrained(sft).eval(), AutoTokenizer.from_pretrained(sft)
+    severe = [tok.convert_tokens_to_ids(f"<harm:{c}:severe>") for c in toy.HARM_CATEGORIES]
+    probs = []
+    for prompt, category in toy.split_prompts()[1]:
+        if category == "benign":
+            continue
+        ids = tok(f"BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            probs.append(model(input_ids=ids).logits[0, -1].softmax(-1)[severe].sum().item())
+    want = sum(probs) / len(probs)
+    assert 1e-4 < want < 0.5
+    assert study.severe_token_prob(sft, tiny_world) == pytest.approx(want, rel=1e-4)
