@@ -376,7 +376,7 @@ def load_prompt_set(source, split):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
     p.add_argument("--policies", nargs="+", required=True,
                    help="policies: stage outputs, mixtures, model folders, hub names or .gguf files")
     p.add_argument("--prompts", default="redteam",
@@ -394,102 +394,111 @@ def build_parser():
     p.add_argument("--kl_reference", default=None, help="reference policy of the KL (default: the baseline)")
     p.add_argument("--num_samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (then --num_samples must be 1)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="generation length limit")
     p.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
     p.add_argument("--prompt_format", default="auto", choices=data.PROMPT_FORMATS,
                    help="auto: the tokenizer's chat template if it has one, else the PKU template")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     return p
+
+
+def run(args):
+    stage.check_ranges(args, positive=("num_samples", "max_new_tokens", "batch_size", "temperature", "top_p"),
+                       non_negative=("max_prompts",))
+    if args.top_p > 1:
+        raise UsageError(f"--top_p must lie in (0, 1], got {args.top_p}")
+    if args.greedy and args.num_samples != 1:
+        raise UsageError("--greedy gives one response per prompt; use --num_samples 1 or drop --greedy")
+    if args.scorer != "models" and (args.reward_model or args.cost_model):
+        raise UsageError("--reward_model / --cost_model need --scorer models")
+    names = [os.path.basename(os.path.normpath(p)) for p in args.policies]
+    if len(set(names)) != len(names):
+        raise UsageError(f"policy folder names must be distinct (they name the results): {names}")
+    for p in args.policies:
+        if not os.path.exists(p) and not stage.is_hub_name(p):
+            raise UsageError(f"{p}: no such policy folder or model file")
+    prompts = load_prompt_set(args.prompts, args.prompts_split)
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    scorer = (ToyScorer() if args.scorer == "toy" else
+              ModelScorer(args.reward_model, args.cost_model, trust_remote_code=args.trust_remote_code)
+              if args.scorer == "models" else None)
+    baseline = os.path.basename(os.path.normpath(args.baseline or args.policies[0]))
+    if baseline not in names:
+        raise UsageError(f"--baseline {args.baseline}: not one of --policies")
+    os.makedirs(args.out, exist_ok=True)
+    all_records, results = {}, []
+    kl_ref = kl_examples = None
+    for name, folder in zip(names, args.policies):
+        print(f"[eval] {name}: {len(prompts)} prompts x {args.num_samples} samples", flush=True)
+        model = stage.load_policy(folder, args.trust_remote_code)
+        tok = stage.load_tokenizer(folder)
+        texts = [p["prompt"] for p in prompts]
+        outs = sample_responses(model, tok, texts, args.num_samples, args.max_new_tokens, not args.greedy,
+                                args.temperature, args.top_p, args.batch_size, args.prompt_format, args.seed,
+                                desc=f"sampling {name}")
+        flat = [(p, i, r) for p, rs in zip(prompts, outs) for i, r in enumerate(rs)]
+        scores = scorer([p["prompt"] for p, _, _ in flat], [r for _, _, r in flat]) if scorer else \
+            [{"reward": None, "cost": None, "severe": None}] * len(flat)
+        records = [{"policy": name, "prompt": p["prompt"], "category": p["category"], "sample": i, "response": r,
+                    "length": len(tok(r, add_special_tokens=False)["input_ids"]), **s}
+                   for (p, i, r), s in zip(flat, scores)]
+        all_records[name] = records
+        knows = bool(scorer and scorer.knows_severity)
+        res = {"policy": name, "q": policy_q(folder), **policy_metrics(records, knows)}
+        if args.kl_pairs:
+            if kl_ref is None:
+                kl_ref = stage.load_policy(args.kl_reference or args.policies[names.index(baseline)],
+                                           args.trust_remote_code)
+                pairs = data.load_pairs(args.kl_pairs, "better")
+                kl_examples = data.tokenize_pairs(pairs[:256], tok, source=args.kl_pairs)
+            kl = sequential_kl_on_pairs(model, kl_ref, kl_examples, tok.pad_token_id)
+            res.update({"seq_kl_chosen": kl["chosen"], "seq_kl_rejected": kl["rejected"]})
+        res["categories"] = per_category(records, knows)
+        results.append(res)
+        del model
+    for res in results:
+        res["win_rate_vs_baseline"] = (win_rate(all_records[res["policy"]], all_records[baseline])
+                                       if scorer and results[0]["mean_reward"] is not None else None)
+    ordered = [{k: r.get(k) for k in RESULT_KEYS} | {k: v for k, v in r.items() if k not in RESULT_KEYS}
+               for r in results]
+    with open(os.path.join(args.out, "generations.jsonl"), "w") as f:
+        for name in names:
+            for r in all_records[name]:
+                f.write(json.dumps(r) + "\n")
+    rng = random.Random(args.seed)
+    with open(os.path.join(args.out, f"pairs_vs_{baseline}.jsonl"), "w") as f:
+        base = {(r["prompt"], r["sample"]): r for r in all_records[baseline]}
+        for name in names:
+            if name == baseline:
+                continue
+            for r in all_records[name]:
+                b = base[(r["prompt"], r["sample"])]
+                swap = rng.random() < 0.5
+                a, c = (b, r) if swap else (r, b)
+                f.write(json.dumps({"prompt": r["prompt"], "category": r["category"], "response_a": a["response"],
+                                    "response_b": c["response"], "policy_a": a["policy"],
+                                    "policy_b": c["policy"]}) + "\n")
+    table = write_tables(ordered, args.out)
+    if scorer:
+        plot(ordered, args.out)
+    summary = summary_table(ordered, baseline)
+    write_report(summary, table, args.out, bool(scorer))
+    print(summary)
+    plots = ", frontier.png, reward_vs_cost.png, category_cost.png" if scorer else ""
+    print(f"[eval] wrote {args.out}/results.json, results.csv, report.md, generations.jsonl, "
+          f"pairs_vs_{baseline}.jsonl{plots}")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.greedy and args.num_samples != 1:
-            raise UsageError("--greedy gives one response per prompt; use --num_samples 1 or drop --greedy")
-        if args.scorer != "models" and (args.reward_model or args.cost_model):
-            raise UsageError("--reward_model / --cost_model need --scorer models")
-        names = [os.path.basename(os.path.normpath(p)) for p in args.policies]
-        if len(set(names)) != len(names):
-            raise UsageError(f"policy folder names must be distinct (they name the results): {names}")
-        for p in args.policies:
-            if not os.path.exists(p) and not stage.is_hub_name(p):
-                raise UsageError(f"{p}: no such policy folder or model file")
-        prompts = load_prompt_set(args.prompts, args.prompts_split)
-        if args.max_prompts:
-            prompts = prompts[: args.max_prompts]
-        scorer = (ToyScorer() if args.scorer == "toy" else
-                  ModelScorer(args.reward_model, args.cost_model, trust_remote_code=args.trust_remote_code)
-                  if args.scorer == "models" else None)
-        baseline = os.path.basename(os.path.normpath(args.baseline or args.policies[0]))
-        if baseline not in names:
-            raise UsageError(f"--baseline {args.baseline}: not one of --policies")
-        os.makedirs(args.out, exist_ok=True)
-        all_records, results = {}, []
-        kl_ref = kl_examples = None
-        for name, folder in zip(names, args.policies):
-            print(f"[eval] {name}: {len(prompts)} prompts x {args.num_samples} samples", flush=True)
-            model = stage.load_policy(folder, args.trust_remote_code)
-            tok = stage.load_tokenizer(folder)
-            texts = [p["prompt"] for p in prompts]
-            outs = sample_responses(model, tok, texts, args.num_samples, args.max_new_tokens, not args.greedy,
-                                    args.temperature, args.top_p, args.batch_size, args.prompt_format, args.seed,
-                                    desc=f"sampling {name}")
-            flat = [(p, i, r) for p, rs in zip(prompts, outs) for i, r in enumerate(rs)]
-            scores = scorer([p["prompt"] for p, _, _ in flat], [r for _, _, r in flat]) if scorer else \
-                [{"reward": None, "cost": None, "severe": None}] * len(flat)
-            records = [{"policy": name, "prompt": p["prompt"], "category": p["category"], "sample": i, "response": r,
-                        "length": len(tok(r, add_special_tokens=False)["input_ids"]), **s}
-                       for (p, i, r), s in zip(flat, scores)]
-            all_records[name] = records
-            knows = bool(scorer and scorer.knows_severity)
-            res = {"policy": name, "q": policy_q(folder), **policy_metrics(records, knows)}
-            if args.kl_pairs:
-                if kl_ref is None:
-                    kl_ref = stage.load_policy(args.kl_reference or args.policies[names.index(baseline)],
-                                               args.trust_remote_code)
-                    pairs = data.load_pairs(args.kl_pairs, "better")
-                    kl_examples = data.tokenize_pairs(pairs[:256], tok, source=args.kl_pairs)
-                kl = sequential_kl_on_pairs(model, kl_ref, kl_examples, tok.pad_token_id)
-                res.update({"seq_kl_chosen": kl["chosen"], "seq_kl_rejected": kl["rejected"]})
-            res["categories"] = per_category(records, knows)
-            results.append(res)
-            del model
-        for res in results:
-            res["win_rate_vs_baseline"] = (win_rate(all_records[res["policy"]], all_records[baseline])
-                                           if scorer and results[0]["mean_reward"] is not None else None)
-        ordered = [{k: r.get(k) for k in RESULT_KEYS} | {k: v for k, v in r.items() if k not in RESULT_KEYS}
-                   for r in results]
-        with open(os.path.join(args.out, "generations.jsonl"), "w") as f:
-            for name in names:
-                for r in all_records[name]:
-                    f.write(json.dumps(r) + "\n")
-        rng = random.Random(args.seed)
-        with open(os.path.join(args.out, f"pairs_vs_{baseline}.jsonl"), "w") as f:
-            base = {(r["prompt"], r["sample"]): r for r in all_records[baseline]}
-            for name in names:
-                if name == baseline:
-                    continue
-                for r in all_records[name]:
-                    b = base[(r["prompt"], r["sample"])]
-                    swap = rng.random() < 0.5
-                    a, c = (b, r) if swap else (r, b)
-                    f.write(json.dumps({"prompt": r["prompt"], "category": r["category"], "response_a": a["response"],
-                                        "response_b": c["response"], "policy_a": a["policy"],
-                                        "policy_b": c["policy"]}) + "\n")
-        table = write_tables(ordered, args.out)
-        if scorer:
-            plot(ordered, args.out)
-        summary = summary_table(ordered, baseline)
-        write_report(summary, table, args.out, bool(scorer))
-        print(summary)
-        plots = ", frontier.png, reward_vs_cost.png, category_cost.png" if scorer else ""
-        print(f"[eval] wrote {args.out}/results.json, results.csv, report.md, generations.jsonl, "
-              f"pairs_vs_{baseline}.jsonl{plots}")
+        with stage.output_lock(args.out):
+            run(args)
     except (UsageError, data.DataError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

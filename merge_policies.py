@@ -56,62 +56,67 @@ def q_name(q):
     return f"q{q:g}"
 
 
+def run(args):
+    for q in args.q:
+        if not 0.0 <= q <= 1.0:
+            raise UsageError(f"--q {q:g}: each q must lie in [0, 1] (the weight of the first-stage policy)")
+    first_info, second_info = stage.describe(args.first), stage.describe(args.second)
+    exact = second_info.get("parent") and os.path.abspath(second_info["parent"]) == os.path.abspath(args.first)
+    note = {"first": os.path.abspath(args.first), "second": os.path.abspath(args.second),
+            "order": second_info.get("order") or first_info.get("order"),
+            "mode": "rsa_p" if exact else "linear",
+            "meaning": "theta(q) = q * theta_first + (1 - q) * theta_second" + (
+                " = theta_first + (1 - q) * Delta_second (the second stage's adapter sits on the first)"
+                if exact else " (plain interpolation of two full checkpoints)")}
+    todo = []
+    for q in args.q:
+        folder = os.path.join(args.out, q_name(q))
+        marker = os.path.join(folder, MIXTURE_FILE)
+        if os.path.exists(marker):
+            with open(marker) as f:
+                if json.load(f) == {**note, "q": q}:
+                    print(f"[merge] {folder}: already made from these parents; skipping")
+                    continue
+            if not args.overwrite:
+                raise UsageError(f"{folder}: holds a mixture of other parents; pass --overwrite to replace it")
+        elif os.path.exists(folder) and not args.overwrite:
+            raise UsageError(f"{folder}: exists and is not a finished mixture; pass --overwrite to replace it")
+        todo.append(q)
+    if not todo:
+        return
+    first = stage.load_policy(args.first, args.trust_remote_code)
+    second = stage.load_policy(args.second, args.trust_remote_code)
+    sa, sb = check_compatible(first, second, (args.first, args.second))
+    tokenizer = stage.load_tokenizer(args.second if stage.is_stage(args.second) else args.first)
+    for q in todo:
+        folder = os.path.join(args.out, q_name(q))
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with torch.no_grad():
+            first.load_state_dict(mix_state_dicts(sa, sb, q))
+        first.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, MIXTURE_FILE), "w") as f:
+            json.dump({**note, "q": q}, f, indent=1)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        print(f"[merge] {folder}: q = {q:g} ({note['mode']})", flush=True)
+    first.load_state_dict(sa)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
     parser.add_argument("--first", required=True, help="first-stage policy (RSA(H->S): the reward stage's output)")
     parser.add_argument("--second", required=True, help="second-stage policy (RSA(H->S): the safety stage's output)")
     parser.add_argument("--q", type=float, nargs="+", required=True,
                         help="weights of the FIRST policy, each in [0, 1] (SACPO's configs name 1 - q)")
     parser.add_argument("--out", required=True, help="folder that receives one subfolder per q")
     parser.add_argument("--overwrite", action="store_true", help="replace mixtures made from other parents")
-    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     args = parser.parse_args(argv)
     try:
-        for q in args.q:
-            if not 0.0 <= q <= 1.0:
-                raise UsageError(f"--q {q:g}: each q must lie in [0, 1] (the weight of the first-stage policy)")
-        first_info, second_info = stage.describe(args.first), stage.describe(args.second)
-        exact = second_info.get("parent") and os.path.abspath(second_info["parent"]) == os.path.abspath(args.first)
-        note = {"first": os.path.abspath(args.first), "second": os.path.abspath(args.second),
-                "order": second_info.get("order") or first_info.get("order"),
-                "mode": "rsa_p" if exact else "linear",
-                "meaning": "theta(q) = q * theta_first + (1 - q) * theta_second" + (
-                    " = theta_first + (1 - q) * Delta_second (the second stage's adapter sits on the first)"
-                    if exact else " (plain interpolation of two full checkpoints)")}
-        todo = []
-        for q in args.q:
-            folder = os.path.join(args.out, q_name(q))
-            marker = os.path.join(folder, MIXTURE_FILE)
-            if os.path.exists(marker):
-                with open(marker) as f:
-                    if json.load(f) == {**note, "q": q}:
-                        print(f"[merge] {folder}: already made from these parents; skipping")
-                        continue
-                if not args.overwrite:
-                    raise UsageError(f"{folder}: holds a mixture of other parents; pass --overwrite to replace it")
-            elif os.path.exists(folder) and not args.overwrite:
-                raise UsageError(f"{folder}: exists and is not a finished mixture; pass --overwrite to replace it")
-            todo.append(q)
-        if not todo:
-            return 0
-        first = stage.load_policy(args.first, args.trust_remote_code)
-        second = stage.load_policy(args.second, args.trust_remote_code)
-        sa, sb = check_compatible(first, second, (args.first, args.second))
-        tokenizer = stage.load_tokenizer(args.second if stage.is_stage(args.second) else args.first)
-        for q in todo:
-            folder = os.path.join(args.out, q_name(q))
-            tmp = folder + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            with torch.no_grad():
-                first.load_state_dict(mix_state_dicts(sa, sb, q))
-            first.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, MIXTURE_FILE), "w") as f:
-                json.dump({**note, "q": q}, f, indent=1)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            print(f"[merge] {folder}: q = {q:g} ({note['mode']})", flush=True)
-        first.load_state_dict(sa)
+        with stage.output_lock(args.out):
+            run(args)
     except UsageError as e:
         print(f"merge_policies.py: error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -34,7 +35,7 @@ import risk
 
 CONFIG_FILE, COMPLETE_FILE, METRICS_FILE = "rsa_config.json", "complete.json", "metrics.jsonl"
 # Settings that do not change what a run computes: a re-run that differs only in these is the same run.
-NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every"}
+NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every", "save_total_limit"}
 # The Ra-DPO authors' published setup (docs/math.md Sec. 4 and 8), from zlj123-max/Ra-DPO: config/config.yaml
 # (lr 5e-6, warmup_steps 150), config/model/base_model.yaml (max_grad_norm 5.0, max_length 512,
 # max_prompt_length 256), and their loss code (Ra-DPO_1, the two-halves CVaR threshold, the loss summed over pairs).
@@ -138,6 +139,55 @@ def config_fingerprint(path, gguf_file=None, trust_remote_code=False):
     return fingerprint(config)
 
 
+@contextlib.contextmanager
+def output_lock(out):
+    """One writer per output: `<out>.lock` holds the pid and host of the run writing `out` (and `out`.tmp). A second
+    run into the same output stops with a one-line error while that process lives; a lock left by a process that
+    died is taken over with a note. Only the main process of a multi-process run takes it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path, host = out.rstrip("/") + ".lock", socket.gethostname()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    me = json.dumps({"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    other = json.load(f)
+            except (OSError, ValueError):
+                other = {}  # half-written by a process that died at once: stale
+            if other.get("host", host) != host:
+                raise UsageError(f"{out}: pid {other.get('pid')} on {other['host']} holds {path}; if that run is "
+                                 "gone, delete the lock file") from None
+            if other.get("pid") and _alive(other["pid"]):
+                raise UsageError(f"{out}: another run (pid {other['pid']}, started {other.get('started')}) is "
+                                 "writing this output; wait for it or stop it") from None
+            print(f"[lock] {path}: taking over the lock of pid {other.get('pid')}, which is no longer running")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def run_config(args, stage, extra):
     cfg = {"stage": stage, "args": {k: v for k, v in vars(args).items() if k not in NOT_PART_OF_RUN}}
     cfg.update(extra)
@@ -194,9 +244,9 @@ def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=
         kwargs["use_safetensors"] = True  # never unpickle weights
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot load a causal LM with safetensors weights ({str(e).splitlines()[0]})") \
-            from None
+    except (OSError, ValueError) as e:  # no weights, no model_type, not a GGUF file, ...
+        where = os.path.join(path, gguf_file) if gguf_file else path
+        raise UsageError(f"{where}: cannot load a causal LM from it ({str(e).splitlines()[0]})") from None
     model.config.use_cache = False
     for module in model.modules():  # a deterministic reference: no dropout outside the LoRA layers added later
         if isinstance(module, torch.nn.Dropout):
@@ -208,7 +258,11 @@ def load_tokenizer(path, gguf_file=None, trust_remote_code=False):
     from transformers import AutoTokenizer
 
     path, gguf_file = model_source(path, gguf_file)
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        where = os.path.join(path, gguf_file) if gguf_file else path
+        raise UsageError(f"{where}: cannot load a tokenizer from it ({str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # the masks never rely on pad ids
     return tok
@@ -334,7 +388,11 @@ def add_shared_flags(p):
     g.add_argument("--log_every", type=int, default=10, help="steps between log lines / metrics.jsonl records")
     g.add_argument("--save_every", type=int, default=50,
                    help="steps between checkpoints (weights, optimizer, scheduler, RNG, data position); 0: none")
-    g.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
+    g.add_argument("--save_total_limit", type=int, default=2,
+                   help="complete checkpoints kept (the newest ones; a damaged newest one falls back to the previous)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in <out>.tmp from its newest readable checkpoint; an error when "
+                        "there is none (a typo in --out does not silently start a new run)")
     g.add_argument("--eval_every", type=int, default=100, help="steps between held-out evaluations")
     return p
 
@@ -372,10 +430,25 @@ def parse_args(parser, argv=None):
     if args.max_prompt_length >= args.max_length:
         raise UsageError(f"--max_prompt_length ({args.max_prompt_length}) must be smaller than --max_length "
                          f"({args.max_length})")
-    for name in ("beta", "lr", "batch_size", "grad_accum", "chunk_size", "lora_r"):
+    check_ranges(args, positive=("beta", "lr", "epochs", "batch_size", "grad_accum", "chunk_size", "lora_r",
+                                 "lora_alpha", "max_grad_norm", "max_length", "max_prompt_length", "log_every",
+                                 "eval_every", "save_total_limit"),
+                 non_negative=("alpha", "max_steps", "warmup_steps", "weight_decay", "eval_pairs", "save_every"),
+                 fractions=("lora_dropout", "warmup_ratio"))
+    return args
+
+
+def check_ranges(args, positive=(), non_negative=(), fractions=()):
+    """One-line errors for numeric flags out of range (every script uses this for its own flags)."""
+    for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    return args
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    for name in fractions:
+        if not 0 <= getattr(args, name) < 1:
+            raise UsageError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,47 +657,68 @@ def lr_lambda(args, total_steps):
 
 
 def _fsync_write(path, write):
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a file and force it to disk; an OSError names the path."""
+    try:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), path) from e
 
 
-def save_checkpoint(work, step, model, opt, sched, cfg, state):
+def _write_failed(e, work, what):
+    """A full disk or a failing write: one line naming the path, and what is still safe to resume from."""
+    last = latest_checkpoint(work)
+    return UsageError(f"cannot write {what} {e.filename or work} ({e.strerror or e}); "
+                      + (f"the last complete checkpoint, {last}, is intact: free space and rerun with --resume"
+                         if last else "no complete checkpoint yet: free space and rerun"))
+
+
+def save_checkpoint(work, step, model, opt, sched, cfg, state, keep=2):
     """checkpoints/step-N: trainable weights (safetensors), optimizer, scheduler and RNG state (weights-only
-    loadable), the run config, and a completeness marker written last; then renamed into place. Older checkpoints
-    are removed once the new one is complete."""
+    loadable), the run config, and a completeness marker written last, each fsynced; then renamed into place. The
+    newest `keep` complete checkpoints are kept (a corrupt newest one then has a predecessor to fall back to)."""
     from safetensors.torch import save
 
     root = os.path.join(work, "checkpoints")
     final = os.path.join(root, f"step-{step:08d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    _fsync_write(os.path.join(tmp, "trainable.safetensors"), lambda f: f.write(save(weights)))
-    trainer = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-               "torch_rng": torch.get_rng_state(), **state}
-    if torch.cuda.is_available():
-        trainer["cuda_rng"] = torch.cuda.get_rng_state()
-    _fsync_write(os.path.join(tmp, "trainer_state.pt"), lambda f: torch.save(trainer, f))
-    _fsync_write(os.path.join(tmp, CONFIG_FILE), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
-    _fsync_write(os.path.join(tmp, COMPLETE_FILE), lambda f: f.write(b"{}"))
-    os.replace(tmp, final)
-    for old in os.listdir(root):
-        if old != os.path.basename(final):
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        _fsync_write(os.path.join(tmp, "trainable.safetensors"), lambda f: f.write(save(weights)))
+        trainer = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                   "torch_rng": torch.get_rng_state(), **state}
+        if torch.cuda.is_available():
+            trainer["cuda_rng"] = torch.cuda.get_rng_state()
+        _fsync_write(os.path.join(tmp, "trainer_state.pt"), lambda f: torch.save(trainer, f))
+        _fsync_write(os.path.join(tmp, CONFIG_FILE), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+        _fsync_write(os.path.join(tmp, COMPLETE_FILE), lambda f: f.write(b"{}"))
+        shutil.rmtree(final, ignore_errors=True)  # an unreadable checkpoint of the same step, fallen back from
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(e, work, f"the checkpoint of step {step}:") from None
+    for old in complete_checkpoints(work)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(work):
+    """The complete checkpoint folders of a work folder, oldest first (ones without their marker are ignored)."""
+    root = os.path.join(work, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, d) for d in sorted(os.listdir(root))
+            if d.startswith("step-") and not d.endswith(".tmp") and os.path.exists(os.path.join(root, d,
+                                                                                                COMPLETE_FILE))]
 
 
 def latest_checkpoint(work):
-    """The newest complete checkpoint folder in a work folder, or None (incomplete ones are ignored)."""
-    root = os.path.join(work, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = sorted(d for d in os.listdir(root)
-                  if d.startswith("step-") and not d.endswith(".tmp")
-                  and os.path.exists(os.path.join(root, d, COMPLETE_FILE)))
-    return os.path.join(root, done[-1]) if done else None
+    """The newest complete checkpoint folder in a work folder, or None."""
+    done = complete_checkpoints(work)
+    return done[-1] if done else None
 
 
 def load_checkpoint(path, model, opt, sched, cfg):
@@ -635,17 +729,42 @@ def load_checkpoint(path, model, opt, sched, cfg):
             raise UsageError(f"{path}: the checkpoint was made with a different config; rerun with the same flags "
                              "or pass --overwrite to start over")
     weights = load_file(os.path.join(path, "trainable.safetensors"))
+    trainer = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
     params = dict(model.named_parameters())
+    if set(weights) != {n for n, p in params.items() if p.requires_grad}:
+        raise ValueError("its weights are not this model's trainable parameters")
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)
-    trainer = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
     opt.load_state_dict(trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["torch_rng"])
     if "cuda_rng" in trainer and torch.cuda.is_available():
         torch.cuda.set_rng_state(trainer["cuda_rng"])
     return trainer
+
+
+def resume(work, model, opt, sched, cfg):
+    """The trainer state of the newest readable checkpoint; an unreadable one (truncated, corrupt) is skipped with a
+    note, falling back to the one before."""
+    ckpts = complete_checkpoints(work)
+    if not ckpts:
+        raise UsageError(f"--resume: {work} holds no complete checkpoint to continue from"
+                         + ("" if os.path.exists(work) else " (no run was started there)")
+                         + "; drop --resume to start a new run (or --overwrite to replace an unfinished one)")
+    for ckpt in reversed(ckpts):
+        try:
+            trainer = load_checkpoint(ckpt, model, opt, sched, cfg)
+        except UsageError:
+            raise
+        except Exception as e:  # a damaged file: any parse error of safetensors or torch.load
+            print(f"[train] {ckpt}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                  "falling back to the previous checkpoint", flush=True)
+            continue
+        print(f"[train] resuming from {ckpt} (step {trainer['step']})", flush=True)
+        return trainer
+    raise UsageError(f"{work}: no readable checkpoint (the newest is {ckpts[-1]}); rerun with --overwrite to start "
+                     "over")
 
 
 def global_batches(n_examples, args, world, rank, start):
@@ -665,23 +784,20 @@ def global_batches(n_examples, args, world, rank, start):
 
 
 def start_or_resume(model, opt, sched, args, cfg, rt, work):
-    """(first step, skipped batches): from the last complete checkpoint under --resume, else a fresh work folder.
-    An unfinished run is never silently replaced."""
-    ckpt = latest_checkpoint(work) if os.path.exists(work) else None
-    if ckpt and args.resume:
-        trainer = load_checkpoint(ckpt, model, opt, sched, cfg)
+    """(first step, skipped batches): from the newest readable checkpoint under --resume (an error when there is
+    none), else a fresh work folder. An unfinished run is never silently replaced."""
+    if args.resume:
+        trainer = resume(work, model, opt, sched, cfg)
         if rt.main:
-            print(f"[train] resuming from {ckpt} (step {trainer['step']})", flush=True)
             with open(os.path.join(work, METRICS_FILE)) as f:  # drop records of steps after the checkpoint
                 kept = [line for line in f if json.loads(line)["step"] <= trainer["step"]]
             with open(os.path.join(work, METRICS_FILE), "w") as f:
                 f.writelines(kept)
         return trainer["step"] + 1, trainer["skipped"]
+    ckpt = latest_checkpoint(work)
     if ckpt and not args.overwrite:
         raise UsageError(f"{work}: holds an unfinished run with a checkpoint at {os.path.basename(ckpt)}; "
                          "pass --resume to continue it or --overwrite to start over")
-    if args.resume and rt.main:
-        print("[train] --resume: no complete checkpoint found; starting from step 0", flush=True)
     rt.barrier()
     if rt.main:
         shutil.rmtree(work, ignore_errors=True)
@@ -731,14 +847,15 @@ def one_update(model, params, opt, sched, micro_batches, args, lc, rt, step):
 
 def publish(model, tokenizer, cfg, work, out, summary):
     """The final output, atomically: adapter, tokenizer and config into the work folder, the completeness marker
-    last, then one rename onto --out."""
-    model.save_pretrained(work, safe_serialization=True)
-    tokenizer.save_pretrained(work)
-    with open(os.path.join(work, CONFIG_FILE), "w") as f:
-        json.dump(cfg, f, indent=1)
+    last, then one rename onto --out. A failing write leaves the checkpoints in place to resume from."""
+    try:
+        model.save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
+        _fsync_write(os.path.join(work, CONFIG_FILE), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+        _fsync_write(os.path.join(work, COMPLETE_FILE), lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    except OSError as e:
+        raise _write_failed(e, work, "the final output:") from None
     shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
-    with open(os.path.join(work, COMPLETE_FILE), "w") as f:  # written last: the completeness marker
-        json.dump(summary, f, indent=1)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(work, out)
@@ -807,7 +924,7 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt):
             run_eval(step)
         if args.save_every and step % args.save_every == 0 and step != total:
             if rt.main:
-                save_checkpoint(work, step, model, opt, sched, cfg, {"skipped": skipped})
+                save_checkpoint(work, step, model, opt, sched, cfg, {"skipped": skipped}, args.save_total_limit)
             rt.barrier()
     bar.close()
     final_eval = run_eval(total) or final_eval

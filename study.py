@@ -165,6 +165,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
     p.add_argument("--samples", type=int, default=32, help="samples per evaluation prompt")
     args = p.parse_args(argv)
+    try:
+        stage.check_ranges(args, positive=("steps", "samples"))
+        if any(seed < 0 for seed in args.seeds):
+            raise stage.UsageError(f"--seeds must be 0 or more, got {args.seeds}")
+    except stage.UsageError as e:
+        print(f"study.py: error: {e}", file=sys.stderr)
+        return 2
     toy.build(args.world, "full", 0)
     os.makedirs(args.out, exist_ok=True)
     sft_file = os.path.join(args.out, "sft_eval", "results.json")

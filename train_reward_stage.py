@@ -41,23 +41,28 @@ def build_parser():
     return stage.add_shared_flags(p)
 
 
+def run(args):
+    cfg = stage.run_config(args, "reward", {
+        "base_model": args.sft, "gguf_file": args.gguf_file, "parent": None, "reference": "sft",
+        "base_fingerprint": stage.config_fingerprint(args.sft, args.gguf_file, args.trust_remote_code),
+        "order": "H" if args.preference == "better" else "S"})
+    if stage.check_output(args.out, cfg, args.overwrite):
+        print(f"[train] {args.out}: already complete with this config; nothing to do")
+        return
+    rt = stage.Runtime(args.precision)
+    tokenizer = stage.load_tokenizer(args.sft, args.gguf_file, args.trust_remote_code)
+    train_examples, eval_examples = stage.prepare_data(args, tokenizer)
+    base = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code, args.load_in_4bit)
+    model = stage.add_lora(base, args)
+    stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
+                eval_examples, rt)
+
+
 def main(argv=None):
     try:
         args = stage.parse_args(build_parser(), argv)
-        cfg = stage.run_config(args, "reward", {
-            "base_model": args.sft, "gguf_file": args.gguf_file, "parent": None, "reference": "sft",
-            "base_fingerprint": stage.config_fingerprint(args.sft, args.gguf_file, args.trust_remote_code),
-            "order": "H" if args.preference == "better" else "S"})
-        if stage.check_output(args.out, cfg, args.overwrite):
-            print(f"[train] {args.out}: already complete with this config; nothing to do")
-            return 0
-        rt = stage.Runtime(args.precision)
-        tokenizer = stage.load_tokenizer(args.sft, args.gguf_file, args.trust_remote_code)
-        train_examples, eval_examples = stage.prepare_data(args, tokenizer)
-        base = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code, args.load_in_4bit)
-        model = stage.add_lora(base, args)
-        stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
-                    eval_examples, rt)
+        with stage.output_lock(args.out):
+            run(args)
     except UsageError as e:
         print(f"train_reward_stage.py: error: {e}", file=sys.stderr)
         return 2

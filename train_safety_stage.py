@@ -96,40 +96,45 @@ def parent_of(args):
     return parent, plain
 
 
+def run(args):
+    parent, plain = parent_of(args)
+    if args.sft is not None and stage.config_fingerprint(args.sft) != parent["base_fingerprint"]:
+        raise UsageError(f"--sft {args.sft} is not the base model of {args.reward_stage} "
+                         f"({parent['base_model']}): architectures or shapes differ")
+    beta_r = None if plain else parent["args"]["beta"]
+    mode = "stack" if args.load_in_4bit and not plain else args.reference_mode
+    cfg = stage.run_config(args, "safety", {
+        "base_model": parent["base_model"], "gguf_file": parent.get("gguf_file"),
+        "base_fingerprint": parent["base_fingerprint"],
+        "parent": None if plain else os.path.abspath(args.reward_stage), "parent_config": parent,
+        "order": f"{parent['order'].split('->')[0]}->{LETTER[args.preference]}",
+        "reference": f"the model {args.reward_stage} itself" if plain else f"the reward-stage policy ({mode})",
+        "lambda": beta_r / args.beta if beta_r else None, "reference_mode": mode})
+    if stage.check_output(args.out, cfg, args.overwrite):
+        print(f"[train] {args.out}: already complete with this config; nothing to do")
+        return
+    print(f"[train] safety stage on {args.reward_stage} ({cfg['order']}): beta_s = {args.beta}" + (
+        f" with beta_r = {beta_r}, so lambda = beta_r / beta_s = {beta_r / args.beta:g}" if beta_r else
+        " (pi_r is a plain model: no beta_r, no lambda)"), flush=True)
+    rt = stage.Runtime(args.precision)
+    tokenizer = stage.load_tokenizer(args.reward_stage, args.gguf_file, args.trust_remote_code)
+    train_examples, eval_examples = stage.prepare_data(args, tokenizer)
+    if plain:  # an already helpful model plays pi_r: the new adapter sits directly on it
+        model = stage.add_lora(stage.load_base_model(args.reward_stage, args.gguf_file, args.trust_remote_code,
+                                                     args.load_in_4bit), args)
+    elif mode == "stack":
+        model = stacked_model(args, parent)
+    else:  # stage 1 merged in full precision: the frozen reference is the base under the new adapter
+        model = stage.add_lora(stage.load_policy(args.reward_stage, args.trust_remote_code), args)
+    stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
+                eval_examples, rt)
+
+
 def main(argv=None):
     try:
         args = stage.parse_args(build_parser(), argv)
-        parent, plain = parent_of(args)
-        if args.sft is not None and stage.config_fingerprint(args.sft) != parent["base_fingerprint"]:
-            raise UsageError(f"--sft {args.sft} is not the base model of {args.reward_stage} "
-                             f"({parent['base_model']}): architectures or shapes differ")
-        beta_r = None if plain else parent["args"]["beta"]
-        mode = "stack" if args.load_in_4bit and not plain else args.reference_mode
-        cfg = stage.run_config(args, "safety", {
-            "base_model": parent["base_model"], "gguf_file": parent.get("gguf_file"),
-            "base_fingerprint": parent["base_fingerprint"],
-            "parent": None if plain else os.path.abspath(args.reward_stage), "parent_config": parent,
-            "order": f"{parent['order'].split('->')[0]}->{LETTER[args.preference]}",
-            "reference": f"the model {args.reward_stage} itself" if plain else f"the reward-stage policy ({mode})",
-            "lambda": beta_r / args.beta if beta_r else None, "reference_mode": mode})
-        if stage.check_output(args.out, cfg, args.overwrite):
-            print(f"[train] {args.out}: already complete with this config; nothing to do")
-            return 0
-        print(f"[train] safety stage on {args.reward_stage} ({cfg['order']}): beta_s = {args.beta}" + (
-            f" with beta_r = {beta_r}, so lambda = beta_r / beta_s = {beta_r / args.beta:g}" if beta_r else
-            " (pi_r is a plain model: no beta_r, no lambda)"), flush=True)
-        rt = stage.Runtime(args.precision)
-        tokenizer = stage.load_tokenizer(args.reward_stage, args.gguf_file, args.trust_remote_code)
-        train_examples, eval_examples = stage.prepare_data(args, tokenizer)
-        if plain:  # an already helpful model plays pi_r: the new adapter sits directly on it
-            model = stage.add_lora(stage.load_base_model(args.reward_stage, args.gguf_file, args.trust_remote_code,
-                                                         args.load_in_4bit), args)
-        elif mode == "stack":
-            model = stacked_model(args, parent)
-        else:  # stage 1 merged in full precision: the frozen reference is the base under the new adapter
-            model = stage.add_lora(stage.load_policy(args.reward_stage, args.trust_remote_code), args)
-        stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
-                    eval_examples, rt)
+        with stage.output_lock(args.out):
+            run(args)
     except UsageError as e:
         print(f"train_safety_stage.py: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ import data
 import evaluate
 import merge_policies
 import stage
+import study
+import study_real
 import toy
 import train_reward_stage
 import train_safety_stage
@@ -78,6 +80,11 @@ def env(tiny_world, full_world, tmp_path_factory):
     files["no_prompts"].write_text("[]")
     files["no_prompt_field"] = tmp / "no_prompt_field.jsonl"
     files["no_prompt_field"].write_text('{"text": "hi"}\n')
+    files["not_a_model"] = tmp / "not_a_model"  # a config.json that is not a model's (no model_type)
+    files["not_a_model"].mkdir()
+    (files["not_a_model"] / "config.json").write_text('{"hello": 1}')
+    files["fake_gguf"] = tmp / "fake.gguf"
+    files["fake_gguf"].write_text("not a GGUF file")
     return {"tmp": tmp, "pairs": pairs, "reward": reward, "safety": safety, "other": other,
             "unfinished": str(unfinished), "mix": mix, "eval": eval_out, "world": tiny_world, "full": full_world,
             **{k: str(v) for k, v in files.items()}}
@@ -129,12 +136,49 @@ def cases(e):
         (*v("--policies", str(e["tmp"] / "ghost"), "--prompts", e["world"]), "ghost: no such policy folder"),
         (*v("--policies", e["reward"], "--prompts", e["world"], "--reward_model", e["reward"]), "need --scorer models"),
         (toy.main, ["build", "--out", e["world"], "--seed", "5"], e["world"], "pass --overwrite to replace it"),
+        # models that are not models
+        (reward_main, ["--sft", e["not_a_model"], "--data", e["pairs"], "--out", new], e["reward"],
+         "not_a_model: cannot read a model config"),
+        (*s("--reward_stage", e["not_a_model"], "--data", e["pairs"]), "not_a_model: cannot read a model config"),
+        (reward_main, ["--sft", e["fake_gguf"], "--data", e["pairs"], "--out", new], e["reward"],
+         "not a GGUF file"),
+        (*s("--reward_stage", e["fake_gguf"], "--data", e["pairs"]), "not a GGUF file"),
+        (*m("--first", e["reward"], "--second", e["not_a_model"], "--q", "0.7"), "cannot load a causal LM"),
+        (*v("--policies", e["not_a_model"], "--prompts", e["world"]), "cannot load a causal LM"),
+        # every numeric flag with a range
+        *[(*r(e["pairs"], flag, value), message) for flag, value, message in (
+            ("--lora_dropout", "1.0", "--lora_dropout must lie in [0, 1)"),
+            ("--warmup_ratio", "-0.1", "--warmup_ratio must lie in [0, 1)"),
+            ("--eval_pairs", "-1", "--eval_pairs must be 0 or more"),
+            ("--save_total_limit", "0", "--save_total_limit must be positive"),
+            ("--max_steps", "-1", "--max_steps must be 0 or more"),
+            ("--epochs", "0", "--epochs must be positive"),
+            ("--log_every", "0", "--log_every must be positive"),
+            ("--max_grad_norm", "0", "--max_grad_norm must be positive"),
+            ("--lora_alpha", "-2", "--lora_alpha must be positive"),
+            ("--save_every", "-5", "--save_every must be 0 or more"))],
+        *[(*v("--policies", e["reward"], "--prompts", e["world"], flag, value), message)
+          for flag, value, message in (("--num_samples", "0", "--num_samples must be positive"),
+                                       ("--max_new_tokens", "0", "--max_new_tokens must be positive"),
+                                       ("--batch_size", "-1", "--batch_size must be positive"),
+                                       ("--temperature", "0", "--temperature must be positive"),
+                                       ("--top_p", "1.5", "--top_p must lie in (0, 1]"),
+                                       ("--max_prompts", "-1", "--max_prompts must be 0 or more"))],
+        # --resume with nothing to resume: an error, not a silent fresh start
+        (*r(e["pairs"], "--resume"), "holds no complete checkpoint to continue from (no run was started there)"),
+        # the studies
+        (study.main, ["--out", new, "--steps", "0"], e["reward"], "--steps must be positive"),
+        (study.main, ["--out", new, "--seeds", "-1"], e["reward"], "--seeds must be 0 or more"),
+        (study_real.main, ["--out", new, "--heldout", "0"], e["reward"], "--heldout must be positive"),
+        (study_real.main, ["--out", new, "--data", str(e["tmp"] / "nowhere.jsonl.gz")], e["reward"],
+         "--data " + str(e["tmp"] / "nowhere.jsonl.gz") + ": no such file"),
+        (study_real.main, ["--out", new, "--prompts", e["no_prompts"]], e["reward"], "no_prompts.json: no prompts"),
     ]
 
 
 def test_table_of_bad_inputs(env, capsys):
     table = cases(env)
-    assert len(table) >= 20
+    assert len(table) >= 40
     for main, argv, keep, message in table:
         before = tree_digest(keep)
         code = main(argv)

@@ -1,11 +1,13 @@
 """Faults and scale: exact resume after SIGKILL (mid-step, mid-checkpoint), non-finite steps, gradient
 checkpointing, data parallel over 2 CPU processes, and the stacked-adapter reference of the QLoRA safety stage."""
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import faults
 import pytest
@@ -190,3 +192,114 @@ def test_stacked_reference_keeps_stage_1_on_the_head_and_has_no_dropout(referenc
         stage.backbone_and_head(model)[1].base_layer.weight
     assert head_delta.abs().max() > 1e-4  # stage 1 did change the head, and the reference keeps it
     assert torch.allclose(sequence_logps(model, batch), sequence_logps(pi_r, batch), atol=1e-4)
+
+
+# ---------------------------------------------------------------- one writer per output, full disks, damaged files
+
+
+def test_a_second_run_into_the_same_output_stops_while_the_first_lives(reference_run, tiny_world, capsys):
+    """Two real processes: while the first trains, a second run into the same --out (plain, --overwrite or --resume)
+    stops with a one-line error naming the first's pid; the first finishes intact. A lock left by a dead process is
+    taken over with a note."""
+    out = str(reference_run["tmp"] / "locked")
+    argv = argv_for(tiny_world, reference_run["pairs"], out, steps=400, extra=["--save_every", "0"])
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_reward_stage.py"), *argv],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # wait until the first holds the lock
+            if os.path.exists(out + ".lock"):
+                break
+            time.sleep(0.1)
+        assert json.load(open(out + ".lock"))["pid"] == first.pid
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            code = train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out, steps=400, extra=extra))
+            err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+            assert code == 2 and len(err) == 1 and f"another run (pid {first.pid}" in err[0], err
+    finally:
+        stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    assert json.load(open(os.path.join(out, stage.COMPLETE_FILE)))["steps"] == 400 and not os.path.exists(out + ".lock")
+    # a stale lock: its process has exited
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = str(reference_run["tmp"] / "stale")
+    with open(stale + ".lock", "w") as f:
+        json.dump({"pid": int(dead.stdout), "host": socket.gethostname()}, f)
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], stale, steps=2)) == 0
+    assert f"taking over the lock of pid {int(dead.stdout)}" in capsys.readouterr().out
+    assert not os.path.exists(stale + ".lock")
+
+
+def failing_write(monkeypatch, name, step_folder=None):
+    """Make the write of one file fail with ENOSPC (in a checkpoint of `step_folder`, or in the final output)."""
+    write = stage._fsync_write
+
+    def full_disk(path, fn):
+        where = os.path.basename(os.path.dirname(path))
+        final = where.endswith(".tmp") and not where.startswith("step-")  # the work folder of the final output
+        if os.path.basename(path) == name and (where == step_folder if step_folder else final):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        write(path, fn)
+
+    monkeypatch.setattr(stage, "_fsync_write", full_disk)
+
+
+@pytest.mark.parametrize("name,step_folder,last", [
+    ("trainable.safetensors", "step-00000004.tmp", "step-00000002"),
+    ("trainer_state.pt", "step-00000004.tmp", "step-00000002"),
+    (stage.COMPLETE_FILE, "step-00000004.tmp", "step-00000002"),
+    (stage.CONFIG_FILE, None, "step-00000004"),  # the final output's config
+    (stage.COMPLETE_FILE, None, "step-00000004"),  # the final output's marker
+    ("adapter_model.safetensors", None, "step-00000004"),  # the final adapter (peft's own writer)
+])
+def test_a_failing_write_stops_with_the_path_and_keeps_the_last_checkpoint(name, step_folder, last, reference_run,
+                                                                            tiny_world, monkeypatch, capsys):
+    out = str(reference_run["tmp"] / f"enospc_{name.split('.')[0]}_{'checkpoint' if step_folder else 'final'}")
+    if name == "adapter_model.safetensors":
+        from peft import PeftModel
+
+        def no_space(self, folder, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(folder, name))
+
+        monkeypatch.setattr(PeftModel, "save_pretrained", no_space)
+    else:
+        failing_write(monkeypatch, name, step_folder)
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if "error:" in line)
+    assert len(err.splitlines()) == 1 and name in err and "No space left on device" in err, err
+    assert f"the last complete checkpoint, {os.path.join(out + '.tmp', 'checkpoints', last)}, is intact" in err
+    assert not os.path.exists(out) and not os.path.exists(out + ".lock")
+    monkeypatch.undo()  # the disk has room again
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out, extra=["--resume"])) == 0
+    assert same_weights(adapter(out), adapter(reference_run["out"]))
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(reference_run, tiny_world, monkeypatch, capsys):
+    """Weights truncated, marker present: --resume notes it and continues from the checkpoint before, reaching the
+    uninterrupted weights; with every checkpoint damaged, a one-line error naming the newest."""
+    out = str(reference_run["tmp"] / "damaged")
+    failing_write(monkeypatch, stage.CONFIG_FILE)  # stop at the final save: checkpoints 2 and 4 are left
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    ckpts = stage.complete_checkpoints(out + ".tmp")
+    assert [os.path.basename(c) for c in ckpts] == ["step-00000002", "step-00000004"]  # --save_total_limit 2
+    weights = os.path.join(ckpts[-1], "trainable.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out, extra=["--resume"])) == 0
+    printed = capsys.readouterr().out
+    assert f"{ckpts[-1]}: unreadable" in printed and f"resuming from {ckpts[0]} (step 2)" in printed
+    assert same_weights(adapter(out), adapter(reference_run["out"]))
+    # every checkpoint damaged: nothing to fall back to
+    again = str(reference_run["tmp"] / "damaged_all")
+    failing_write(monkeypatch, stage.CONFIG_FILE)
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], again)) == 2
+    monkeypatch.undo()
+    for ckpt in stage.complete_checkpoints(again + ".tmp"):
+        with open(os.path.join(ckpt, "trainer_state.pt"), "wb") as f:
+            f.write(b"garbage")
+    capsys.readouterr()
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], again, extra=["--resume"])) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "no readable checkpoint (the newest is" in errors[0] and "Traceback" not in err
