@@ -37,7 +37,7 @@ REDTEAM_PROMPTS = os.path.join(ASSETS, "redteam-83-prompts.json")
 HELPFUL_PROMPTS = os.path.join(ASSETS, "helpful-129-prompts.json")
 
 PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
-SCHEMAS = ("pku", "hh", "plain")
+SCHEMAS = ("pku", "hh", "plain", "conversational")
 PREFERENCES = ("better", "safer")
 PROMPT_FORMATS = ("auto", "pku", "raw", "chat")
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
@@ -94,19 +94,23 @@ def _open_text(path):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
-def read_rows(source, split="train", data_dir=None):
-    """Rows (dicts) from a local file, or from a Hugging Face hub data set when `source` is not a local path.
+def read_rows(source, split="train", data_dir=None, config=None):
+    """Rows (dicts) from a local file, a folder written by `datasets`' save_to_disk, or a Hugging Face hub data set
+    (with an optional config name) when `source` is not a local path.
 
     Returns a list of (row number, dict); row numbers are 1-based lines for jsonl and csv (header = line 1),
     1-based positions otherwise.
     """
     if not _is_local(source):
-        return _read_hub(source, split, data_dir)
+        return _read_hub(source, split, data_dir, config)
     path = os.path.expanduser(source)
     if not os.path.exists(path):
         raise DataError(f"{source}: no such file")
     if os.path.isdir(path):
-        raise DataError(f"{source}: is a directory; pass a .jsonl, .json, .jsonl.gz, .parquet or .csv file")
+        if any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+            return _read_saved(path, source, split)
+        raise DataError(f"{source}: is a directory (and not one written by save_to_disk); pass a .jsonl, .json, "
+                        ".jsonl.gz, .parquet or .csv file")
     if not path.endswith(LOCAL_SUFFIXES):
         raise DataError(f"{source}: unknown file type; use one of {', '.join(LOCAL_SUFFIXES)}")
     try:
@@ -163,11 +167,26 @@ def _read_json(path, source):
     return [(i + 1, row) for i, row in enumerate(data)]
 
 
-def _read_hub(name, split, data_dir):
+def _read_saved(path, source, split):
+    """A Dataset or DatasetDict folder from save_to_disk (a DatasetDict gives `split`)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, data_dir=data_dir, split=split)
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # a damaged folder: say so in one line
+        raise DataError(f"{source}: cannot read this save_to_disk folder ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{source}: no split {split!r} (it has {', '.join(ds)}); pass --split")
+        ds = ds[split]
+    return [(i + 1, row) for i, row in enumerate(ds)]
+
+
+def _read_hub(name, split, data_dir, config=None):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, data_dir=data_dir, split=split)
     except Exception as e:  # offline, unknown name, unknown split: say which and why
         raise DataError(f"{name}: not a local file, and loading it from the Hugging Face hub failed "
                         f"({type(e).__name__}: {e})") from None
@@ -177,17 +196,19 @@ def _read_hub(name, split, data_dir):
 # ---------------------------------------------------------------------------------------------- schemas
 
 
-def detect_schema(columns, source="data"):
+def detect_schema(columns, source="data", first=None):
     cols = set(columns)
     if {"response_0", "response_1"} <= cols:
         return "pku"
+    if {"chosen", "rejected"} <= cols and first is not None and isinstance(first.get("chosen"), list):
+        return "conversational"  # TRL's: messages lists, with a prompt column or an implicit common prefix
     if {"prompt", "chosen", "rejected"} <= cols:
         return "plain"
     if {"chosen", "rejected"} <= cols:
         return "hh"
     raise DataError(f"{source}: cannot tell the schema from columns {sorted(cols)}; expected PKU-SafeRLHF "
                     "(prompt, response_0, response_1, better_response_id, safer_response_id), HH-RLHF "
-                    "(chosen, rejected) or plain (prompt, chosen, rejected)")
+                    "(chosen, rejected), plain (prompt, chosen, rejected) or TRL's conversational format")
 
 
 def _text(row, key, source, row_no):
@@ -231,15 +252,15 @@ def hh_messages(prompt):
     return messages
 
 
-def load_pairs(source, preference="better", schema=None, split="train", data_dir=None, strict=False):
+def load_pairs(source, preference="better", schema=None, split="train", data_dir=None, strict=False, config=None):
     """Load preference pairs from a local file or a hub data set; prints what was kept and dropped."""
     if preference not in PREFERENCES:
         raise ValueError(f"preference must be one of {PREFERENCES}, got {preference!r}")
-    rows = read_rows(source, split, data_dir)
+    rows = read_rows(source, split, data_dir, config)
     if not rows:
         raise DataError(f"{source}: no rows")
     if schema is None:
-        schema = detect_schema(rows[0][1].keys(), source)
+        schema = detect_schema(rows[0][1].keys(), source, rows[0][1])
     elif schema not in SCHEMAS:
         raise ValueError(f"schema must be one of {SCHEMAS}, got {schema!r}")
     drops = Drops(source, strict)
@@ -270,6 +291,8 @@ def _row_to_pair(row, row_no, schema, preference, source, drops):
         prompt = _text(row, "prompt", source, row_no)
         chosen, rejected = _text(row, "chosen", source, row_no), _text(row, "rejected", source, row_no)
         return Pair(prompt, chosen, rejected, [{"role": "user", "content": prompt}], {}, row_no)
+    if schema == "conversational":
+        return _conversation_to_pair(row, row_no, source, drops)
     split = split_hh(_text(row, "chosen", source, row_no), _text(row, "rejected", source, row_no))
     if split is None:
         drops.drop(row_no, "chosen and rejected share no assistant turn")
@@ -279,6 +302,36 @@ def _row_to_pair(row, row_no, schema, preference, source, drops):
         drops.drop(row_no, "a response continues the dialogue (the two sides have different prompts)")
         return None
     return Pair(prompt, chosen, rejected, hh_messages(prompt), {}, row_no)
+
+
+def _messages(row, key, source, row_no):
+    value = row.get(key)
+    if key not in row:
+        raise DataError(f"{source}: row {row_no}: missing field {key!r}")
+    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                              and isinstance(m.get("role"), str) for m in value):
+        raise DataError(f"{source}: row {row_no}: field {key!r} must be a list of messages with 'role' and "
+                        f"'content' strings, got {type(value).__name__}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _conversation_to_pair(row, row_no, source, drops):
+    """TRL's conversational rows: prompt / chosen / rejected as message lists, or (implicit prompt) chosen and
+    rejected as whole conversations whose common prefix of messages is the prompt. The responses are the final
+    assistant message of each side."""
+    chosen, rejected = _messages(row, "chosen", source, row_no), _messages(row, "rejected", source, row_no)
+    if "prompt" in row:
+        prompt = _messages(row, "prompt", source, row_no)
+    else:
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if len(chosen) != 1 or len(rejected) != 1 or chosen[0]["role"] != "assistant" or \
+            rejected[0]["role"] != "assistant" or not prompt or prompt[-1]["role"] != "user":
+        drops.drop(row_no, "not one assistant reply to a prompt ending with a user turn")
+        return None
+    return Pair(prompt[-1]["content"], chosen[0]["content"], rejected[0]["content"], prompt, {}, row_no)
 
 
 def load_prompts(source):

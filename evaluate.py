@@ -234,10 +234,12 @@ def sequential_kl_on_pairs(model, reference, examples, pad_id, batch_size=8, chu
 
 
 def policy_q(folder):
-    path = os.path.join(folder, "rsa_mixture.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)["q"]
+    """The q of an RSA(P) mixture (an adapter mixture's rsa_config.json, or a full mixture's marker), else None."""
+    for name in (stage.CONFIG_FILE, "rsa_mixture.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f).get("q")
     return None
 
 

@@ -4,13 +4,18 @@
 
 q is the weight of the FIRST-stage policy (the reward-aligned pi_r in RSA(H->S)): q = 0.9 means 90 % reward policy,
 q = 1 is pi_r and q = 0 is the safety policy pi_rs. SACPO's merge configs name the other weight (their ratio is
-1 - q here). When the second stage's LoRA adapter sits on the first (the usual RSA pipeline), theta_rs = theta_r +
-Delta_s, so theta(q) = theta_r + (1 - q) * Delta_s exactly; peft's add_weighted_adapter("linear") mixes the A and B
-factors separately and is not this. Any two full checkpoints of one architecture can be mixed the same way
-(P-SACPO's "naive" merge); the note records which it was.
+1 - q here).
 
-Each q gets a folder (q0.5, ...) that AutoModelForCausalLM.from_pretrained loads directly (safetensors), with the
-tokenizer and rsa_mixture.json (parents, q, stage order), written last as the completeness marker.
+Both stages' outputs are LoRA adapters on the SFT model: pi_r = W + Delta_r, and the safety stage's adapter holds
+Delta_r and Delta_s concatenated in rank. So theta(q) = W + Delta_r + (1 - q) * Delta_s exactly, and each mixture is
+again one adapter on W (megabytes, not a model copy): the safety adapter with its Delta_s block scaled by 1 - q. Any
+two adapters on one base mix the same way, q * Delta_first + (1 - q) * Delta_second, concatenated in rank (exact;
+peft's add_weighted_adapter "linear" mixes the A and B factors separately and is not this). Two full models on
+different bases (P-SACPO's "naive" merge) are interpolated weight by weight instead, one full model per q.
+
+Each q gets a folder (q0.5, ...): the adapter (loads with stock peft on the base), the tokenizer, a model card,
+rsa_config.json (parents, q, stage order; paths relative to the folder) and complete.json, written last.
+--merged adds q*/merged/, the full merged model in the base's dtype, for serving.
 """
 
 from __future__ import annotations
@@ -26,82 +31,126 @@ import torch
 import stage
 from stage import UsageError
 
-MIXTURE_FILE = "rsa_mixture.json"
+MIXTURE_FILE = "rsa_mixture.json"  # the marker of a full-weight mixture (parents on different bases)
 
 
-def mix_state_dicts(first, second, q):
-    """q * first + (1 - q) * second, key by key, in fp32 (integer buffers are taken from the first)."""
-    out = {}
-    for k, a in first.items():
-        b = second[k]
-        out[k] = (q * a.float() + (1 - q) * b.float()).to(a.dtype) if a.is_floating_point() else a.clone()
-    return out
+def parent(path):
+    """(description, (base, gguf file, revision), LoRA blocks or None): a stage output is its base plus its adapter;
+    a plain model is a base with no update of its own."""
+    if stage.is_stage(path):
+        cfg = stage.read_stage(path)
+        return cfg, stage.base_of(path, cfg), stage.read_adapter(path)
+    return stage.plain_model(path), (path, None, None), None
 
 
-def check_compatible(first, second, names):
-    sa, sb = first.state_dict(), second.state_dict()
-    if sa.keys() != sb.keys():
-        diff = sorted(set(sa) ^ set(sb))[:3]
-        raise UsageError(f"{names[0]} and {names[1]} have different parameters (e.g. {', '.join(diff)}); "
+def same_base(a, b):
+    key = lambda m: (os.path.abspath(m[0]) if os.path.exists(m[0]) else m[0], m[1], m[2])  # noqa: E731
+    return key(a) == key(b)
+
+
+def mixture_adapter(first, second, q, exact):
+    """The LoRA blocks of theta(q). `exact`: the second adapter is [Delta_first, Delta_s] (a safety stage on the
+    first), so scaling its Delta_s block by 1 - q gives theta_first + (1 - q) Delta_s at the safety adapter's rank."""
+    if exact:
+        r1 = next(iter(first.values()))[0].shape[0]
+        return {n: (a, torch.cat([b[:, :r1], (1 - q) * b[:, r1:]], dim=1)) for n, (a, b) in second.items()}
+    return stage.concat_adapters([(c, blocks) for c, blocks in ((q, first), (1 - q, second)) if blocks])
+
+
+def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged):
+    cfg = {"stage": "mixture", "base_model": stage.recorded_path(base[0], folder), "gguf_file": base[1],
+           "revision": base[2], **note, "first": stage.recorded_path(note["first"], folder),
+           "second": stage.recorded_path(note["second"], folder), "q": q}
+    os.makedirs(tmp)
+    stage.write_adapter(tmp, blocks, cfg["base_model"])
+    tokenizer.save_pretrained(tmp)
+    stage.write_model_card(tmp, cfg)
+    with open(os.path.join(tmp, stage.CONFIG_FILE), "w") as f:
+        json.dump(cfg, f, indent=1)
+    with open(os.path.join(tmp, stage.COMPLETE_FILE), "w") as f:  # written last: the completeness marker
+        json.dump({"q": q}, f)
+    if merged:  # the full model, for serving: the base plus this adapter, merged (the base's dtype)
+        stage.load_policy(tmp).save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
+        tokenizer.save_pretrained(os.path.join(tmp, "merged"))
+    return cfg
+
+
+def write_full_mixture(tmp, args, second_model, q, tokenizer, note):
+    """Weight by weight into a fresh copy of the first model (two model copies in memory at most)."""
+    first_model = stage.load_policy(args.first, args.trust_remote_code)
+    sa, sb = first_model.state_dict(), second_model.state_dict()
+    if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
+        diff = sorted(k for k in set(sa) | set(sb) if k not in sa or k not in sb or sa[k].shape != sb[k].shape)
+        raise UsageError(f"{args.first} and {args.second} differ in their parameters (e.g. {', '.join(diff[:3])}); "
                          "both parents must share one base model")
-    for k in sa:
-        if sa[k].shape != sb[k].shape:
-            raise UsageError(f"{names[0]} and {names[1]} differ in the shape of {k}: {tuple(sa[k].shape)} vs "
-                             f"{tuple(sb[k].shape)}; both parents must share one base model")
-    # copies: the first model's own tensors are overwritten by each mixture
-    return {k: v.detach().clone() for k, v in sa.items()}, {k: v.detach().clone() for k, v in sb.items()}
+    with torch.no_grad():
+        for k, a in sa.items():
+            if a.is_floating_point():
+                a.copy_(q * a.float() + (1 - q) * sb[k].float())
+    first_model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, MIXTURE_FILE), "w") as f:
+        json.dump({**note, "q": q}, f, indent=1)
 
 
-def q_name(q):
-    return f"q{q:g}"
+def finished(folder, q, mode, first, second):
+    """True when `folder` already holds this mixture of these parents, None when it holds something else, False when
+    it does not exist."""
+    for name in (stage.CONFIG_FILE, MIXTURE_FILE):
+        path = os.path.join(folder, name)
+        if os.path.exists(path) and (name == MIXTURE_FILE or os.path.exists(os.path.join(folder, stage.COMPLETE_FILE))):
+            with open(path) as f:
+                have = json.load(f)
+            parents = [os.path.abspath(stage.resolved_path(have.get(k), folder) or "") for k in ("first", "second")]
+            return (have.get("q"), have.get("mode")) == (q, mode) and parents == [os.path.abspath(first),
+                                                                                  os.path.abspath(second)]
+    return None if os.path.exists(folder) else False
 
 
 def run(args):
     for q in args.q:
         if not 0.0 <= q <= 1.0:
             raise UsageError(f"--q {q:g}: each q must lie in [0, 1] (the weight of the first-stage policy)")
-    first_info, second_info = stage.describe(args.first), stage.describe(args.second)
-    exact = second_info.get("parent") and os.path.abspath(second_info["parent"]) == os.path.abspath(args.first)
+    first_info, first_base, first_blocks = parent(args.first)
+    second_info, second_base, second_blocks = parent(args.second)
+    adapters = same_base(first_base, second_base) and (first_blocks or second_blocks)
+    exact = bool(adapters and first_blocks and second_info.get("parent")
+                 and os.path.abspath(stage.resolved_path(second_info["parent"], args.second))
+                 == os.path.abspath(args.first))
     note = {"first": os.path.abspath(args.first), "second": os.path.abspath(args.second),
             "order": second_info.get("order") or first_info.get("order"),
-            "mode": "rsa_p" if exact else "linear",
+            "mode": "rsa_p" if exact else "adapters" if adapters else "full",
             "meaning": "theta(q) = q * theta_first + (1 - q) * theta_second" + (
-                " = theta_first + (1 - q) * Delta_second (the second stage's adapter sits on the first)"
-                if exact else " (plain interpolation of two full checkpoints)")}
+                " = theta_first + (1 - q) * Delta_second (the second stage's adapter sits on the first)" if exact else
+                " = base + q * Delta_first + (1 - q) * Delta_second (one adapter, concatenated in rank)" if adapters
+                else " (weight by weight: two full models)")}
     todo = []
     for q in args.q:
-        folder = os.path.join(args.out, q_name(q))
-        marker = os.path.join(folder, MIXTURE_FILE)
-        if os.path.exists(marker):
-            with open(marker) as f:
-                if json.load(f) == {**note, "q": q}:
-                    print(f"[merge] {folder}: already made from these parents; skipping")
-                    continue
-            if not args.overwrite:
-                raise UsageError(f"{folder}: holds a mixture of other parents; pass --overwrite to replace it")
-        elif os.path.exists(folder) and not args.overwrite:
-            raise UsageError(f"{folder}: exists and is not a finished mixture; pass --overwrite to replace it")
+        folder = os.path.join(args.out, f"q{q:g}")
+        state = finished(folder, q, note["mode"], args.first, args.second)
+        if state and not args.overwrite:
+            print(f"[merge] {folder}: already made from these parents; skipping")
+            continue
+        if state is not False and not args.overwrite:
+            what = "a mixture of other parents" if state is not None else "something that is not a finished mixture"
+            raise UsageError(f"{folder}: holds {what}; pass --overwrite to replace it")
         todo.append(q)
     if not todo:
         return
-    first = stage.load_policy(args.first, args.trust_remote_code)
-    second = stage.load_policy(args.second, args.trust_remote_code)
-    sa, sb = check_compatible(first, second, (args.first, args.second))
     tokenizer = stage.load_tokenizer(args.second if stage.is_stage(args.second) else args.first)
+    second_model = None if adapters else stage.load_policy(args.second, args.trust_remote_code)
     for q in todo:
-        folder = os.path.join(args.out, q_name(q))
+        folder = os.path.join(args.out, f"q{q:g}")
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        with torch.no_grad():
-            first.load_state_dict(mix_state_dicts(sa, sb, q))
-        first.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, MIXTURE_FILE), "w") as f:
-            json.dump({**note, "q": q}, f, indent=1)
+        if adapters:
+            blocks = mixture_adapter(first_blocks, second_blocks, q, exact)
+            write_adapter_mixture(tmp, folder, blocks, first_base, note, q, tokenizer, args.merged)
+        else:
+            write_full_mixture(tmp, args, second_model, q, tokenizer, note)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         print(f"[merge] {folder}: q = {q:g} ({note['mode']})", flush=True)
-    first.load_state_dict(sa)
 
 
 def main(argv=None):
@@ -111,6 +160,7 @@ def main(argv=None):
     parser.add_argument("--q", type=float, nargs="+", required=True,
                         help="weights of the FIRST policy, each in [0, 1] (SACPO's configs name 1 - q)")
     parser.add_argument("--out", required=True, help="folder that receives one subfolder per q")
+    parser.add_argument("--merged", action="store_true", help="also write q*/merged/, the full merged model")
     parser.add_argument("--overwrite", action="store_true", help="replace mixtures made from other parents")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     args = parser.parse_args(argv)

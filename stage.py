@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -35,7 +36,7 @@ import risk
 
 CONFIG_FILE, COMPLETE_FILE, METRICS_FILE = "rsa_config.json", "complete.json", "metrics.jsonl"
 # Settings that do not change what a run computes: a re-run that differs only in these is the same run.
-NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every", "save_total_limit"}
+NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every", "save_total_limit", "config", "report_to"}
 # The Ra-DPO authors' published setup (docs/math.md Sec. 4 and 8), from zlj123-max/Ra-DPO: config/config.yaml
 # (lr 5e-6, warmup_steps 150), config/model/base_model.yaml (max_grad_norm 5.0, max_length 512,
 # max_prompt_length 256), and their loss code (Ra-DPO_1, the two-halves CVaR threshold, the loss summed over pairs).
@@ -47,6 +48,9 @@ RADPO_PARITY = dict(loss="ra_dpo1", risk_measure="cvar_radpo", risk_level=0.95, 
 REFERENCE_ADAPTER = "reference"
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
+# peft imports bitsandbytes whenever it is installed; on a CPU its 4-bit kernel loader then warns about a kernel that
+# only --load_in_4bit (CUDA) would use
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class UsageError(Exception):
@@ -102,20 +106,177 @@ def describe(path, gguf_file=None):
     return read_stage(path) if is_stage(path) else plain_model(path, gguf_file)
 
 
+def recorded_path(path, folder):
+    """A model path as an output folder records it: relative to that folder when local (a run tree moved together
+    with its base still loads), a hub id as it is."""
+    if path is None or not os.path.exists(path):
+        return path
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+
+
+def resolved_path(path, folder):
+    """The inverse of recorded_path: a path recorded in `folder`'s config, as seen from here."""
+    if path is None or os.path.isabs(path):
+        return path
+    candidate = os.path.normpath(os.path.join(folder, path))
+    return candidate if os.path.exists(candidate) else path
+
+
+def base_of(folder, cfg=None):
+    """(base model path as seen from here, gguf file, revision) of a finished stage or mixture."""
+    cfg = cfg or read_stage(folder)
+    return resolved_path(cfg["base_model"], folder), cfg.get("gguf_file"), cfg.get("revision")
+
+
 def load_policy(folder, trust_remote_code=False):
-    """A finished stage's policy as a plain transformers model: its base with every adapter on the way merged in.
-    (A safety stage's adapter sits on its reward stage's merged policy.) Also accepts a plain model folder, a hub
-    name or a .gguf file."""
+    """A finished stage's (or mixture's) policy as a plain transformers model: its recorded base with its one LoRA
+    adapter merged in. Also accepts a plain model folder, a hub name or a .gguf file. Stock peft gives the same
+    model: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)."""
     from peft import PeftModel
 
     if not is_stage(folder):
         return load_base_model(folder, trust_remote_code=trust_remote_code)
-    cfg = read_stage(folder)
-    if cfg.get("parent"):
-        base = load_policy(cfg["parent"], trust_remote_code)
-    else:
-        base = load_base_model(cfg["base_model"], cfg.get("gguf_file"), trust_remote_code)
+    path, gguf_file, revision = base_of(folder)
+    base = load_base_model(path, gguf_file, trust_remote_code, revision=revision)
     return PeftModel.from_pretrained(base, folder).merge_and_unload()
+
+
+# LoRA adapters as data: {module path: (A (r, in), B (out, r) with the scaling folded in)}. Concatenating two
+# adapters in rank gives one adapter whose update is the sum of theirs, exactly (peft's add_weighted_adapter calls
+# this "cat"); scaling a block of B scales that adapter's update. This is how the safety stage and RSA(P) mixtures
+# become one adapter on the SFT base that stock peft loads.
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def read_adapter(folder):
+    """The LoRA blocks of an adapter folder (peft format), scaling folded into B."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    weights = load_file(os.path.join(folder, ADAPTER_WEIGHTS))
+    if any("lora_embedding" in k or "lora_magnitude" in k for k in weights):
+        raise UsageError(f"{folder}: only LoRA on linear layers can be combined (found embedding LoRA or DoRA)")
+    blocks = {}
+    for key, a in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        name = module.removeprefix("base_model.model.")
+        r = config.get("rank_pattern", {}).get(name, config["r"])
+        alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        blocks[name] = (a.float(), weights[module + ".lora_B.weight"].float() * scaling)
+    return blocks
+
+
+def concat_adapters(parts):
+    """One adapter from [(coefficient, blocks), ...]: sum_k coefficient_k * update_k, exactly (ranks add; a module
+    missing from a part gets zero rows there)."""
+    modules = sorted(set().union(*(blocks for _, blocks in parts)))
+    out = {}
+    for name in modules:
+        shapes = next((a.shape[1], b.shape[0]) for _, blocks in parts for a, b in [blocks.get(name, (None, None))]
+                      if a is not None)
+        a_parts, b_parts = [], []
+        for coef, blocks in parts:
+            rank = next(iter(blocks.values()))[0].shape[0]
+            a, b = blocks.get(name, (torch.zeros(rank, shapes[0]), torch.zeros(shapes[1], rank)))
+            a_parts.append(a)
+            b_parts.append(coef * b)
+        out[name] = (torch.cat(a_parts), torch.cat(b_parts, dim=1))
+    return out
+
+
+def model_adapter(model, name="default"):
+    """The LoRA blocks of a peft model's adapter `name`, from memory (fp32 on the CPU, scaling folded into B)."""
+    from peft.tuners.lora import LoraLayer
+
+    blocks = {}
+    for module_name, module in model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            a = module.lora_A[name].weight.detach().float().cpu()
+            b = module.lora_B[name].weight.detach().float().cpu() * module.scaling[name]
+            blocks[module_name] = (a, b)
+    return blocks
+
+
+def write_adapter(folder, blocks, base_model, dropout=0.0):
+    """Blocks as a peft adapter folder (scaling 1: lora_alpha = r), loadable with PeftModel.from_pretrained."""
+    from peft import LoraConfig
+    from safetensors.torch import save
+
+    rank = next(iter(blocks.values()))[0].shape[0]
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=sorted(blocks),
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    config.save_pretrained(folder)
+    tensors = {}
+    for name, (a, b) in blocks.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    _fsync_write(os.path.join(folder, ADAPTER_WEIGHTS), lambda f: f.write(save(tensors)))
+
+
+CITATIONS = """- RSA: Risk-aware Stepwise Alignment, arXiv 2512.24263
+- Ra-DPO: Risk-aware Direct Preference Optimization under nested risk measures, arXiv 2505.20359
+- SACPO: Stepwise Alignment for Constrained Language Model Policy Optimization, arXiv 2404.11049"""
+
+
+def write_model_card(folder, cfg, metrics=None):
+    """README.md of an output folder: what it is, how it was made, its held-out metrics, how to load it."""
+    args = cfg.get("args", {})
+    what = {"reward": "RSA stage 1, the reward (helpfulness) stage", "safety": "RSA stage 2, the safety "
+            "(harmlessness) stage", "mixture": "an RSA(P) mixture of two policies"}[cfg["stage"]]
+    rows = [("base model", cfg["base_model"]), ("stage order", cfg.get("order"))]
+    if cfg["stage"] == "mixture":
+        rows += [("q (weight of the first policy)", cfg["q"]), ("first", cfg["first"]), ("second", cfg["second"]),
+                 ("update", cfg["meaning"])]
+    else:
+        rows += [("loss", args.get("loss")), ("risk measure", args.get("risk_measure")),
+                 ("risk level", args.get("risk_level")), ("beta", args.get("beta")),
+                 ("lambda = beta_r / beta_s", cfg.get("lambda")), ("preference", args.get("preference")),
+                 ("parent (reward stage)", cfg.get("parent"))]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
+    held = ""
+    if metrics:
+        keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "kl/rejected",
+                            "risk/chosen", "risk/rejected") if k in metrics]
+        held = ("\n## Final held-out metrics\n\n| metric | value |\n|---|---|\n"
+                + "\n".join(f"| {k} | {metrics[k]:.4f} |" for k in keys) + "\n")
+    base = cfg["base_model"]
+    text = f"""---
+library_name: peft
+base_model: {base}
+tags: [rsa, ra-dpo, safety-alignment, lora]
+---
+
+# {what}
+
+One LoRA adapter on the base model below; its update is the whole policy's change from that base (a safety stage's
+adapter holds stage 1's update and its own, concatenated in rank). Made by the RSA reference implementation.
+
+| | |
+|---|---|
+{table}
+{held}
+## Load it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("{base}")  # the path is relative to this folder when local
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+## Cite
+
+{CITATIONS}
+"""
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def fingerprint(config):
@@ -125,7 +286,7 @@ def fingerprint(config):
     return {"model_type": config.model_type, **{k: getattr(config, k, None) for k in keys}}
 
 
-def config_fingerprint(path, gguf_file=None, trust_remote_code=False):
+def config_fingerprint(path, gguf_file=None, trust_remote_code=False, revision=None):
     """The fingerprint of the model at `path` read from its config alone, without loading any weights."""
     from transformers import AutoConfig
 
@@ -133,7 +294,8 @@ def config_fingerprint(path, gguf_file=None, trust_remote_code=False):
     if not os.path.exists(folder) and not is_hub_name(folder):
         raise UsageError(f"{folder}: no such model folder")
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                                            revision=revision)
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: cannot read a model config ({str(e).splitlines()[0]})") from None
     return fingerprint(config)
@@ -216,15 +378,17 @@ def check_output(out, cfg, overwrite):
 # ---------------------------------------------------------------------------------------------- 2. models
 
 
-def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=False):
+def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=False, revision=None):
     """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), fp32 (or
     4-bit nf4 with bf16 compute for QLoRA, on CUDA)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load says nothing a user needs
     path, gguf_file = model_source(path, gguf_file)
     if not os.path.exists(path) and not is_hub_name(path):
         raise UsageError(f"{path}: no such model folder")
-    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "revision": revision}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -254,12 +418,13 @@ def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=
     return model
 
 
-def load_tokenizer(path, gguf_file=None, trust_remote_code=False):
+def load_tokenizer(path, gguf_file=None, trust_remote_code=False, revision=None):
     from transformers import AutoTokenizer
 
     path, gguf_file = model_source(path, gguf_file)
     try:
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                                            revision=revision)
     except (OSError, ValueError) as e:
         where = os.path.join(path, gguf_file) if gguf_file else path
         raise UsageError(f"{where}: cannot load a tokenizer from it ({str(e).splitlines()[0]})") from None
@@ -323,6 +488,7 @@ def add_shared_flags(p):
     """The flags both stages take (each stage script adds its own first: its model, beta and preference)."""
     g = p.add_argument_group("model")
     g.add_argument("--gguf_file", default=None, help="name of a .gguf file inside the model folder (or pass its path)")
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model, recorded")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA scaling numerator (update x alpha / r)")
@@ -331,9 +497,12 @@ def add_shared_flags(p):
                    help="comma-separated module names, or all-linear (every linear layer but the output head; "
                         "works for Llama-, GPT-2- and Qwen-shaped models)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="preference data: a local jsonl/json/jsonl.gz/parquet/csv file or "
-                                                 "a hub name (PKU-Alignment/PKU-SafeRLHF, Anthropic/hh-rlhf)")
+    g.add_argument("--data", required=True,
+                   help="preference data: a local jsonl/json/jsonl.gz/parquet/csv file, a save_to_disk folder, or a "
+                        "hub name (PKU-Alignment/PKU-SafeRLHF, Anthropic/hh-rlhf); PKU, HH, plain (prompt, chosen, "
+                        "rejected) and TRL's conversational rows are recognised")
     g.add_argument("--data_dir", default=None, help="hub data_dir (e.g. harmless-base for Anthropic/hh-rlhf)")
+    g.add_argument("--data_config", default=None, help="hub config name of --data (and --eval_data)")
     g.add_argument("--split", default="train", help="hub split")
     g.add_argument("--schema", default=None, choices=data.SCHEMAS, help="force the schema (default: detect)")
     g.add_argument("--eval_data", default=None, help="held-out pairs (default: --eval_pairs split off --data)")
@@ -383,6 +552,12 @@ def add_shared_flags(p):
                    help="QLoRA: the base in 4-bit nf4 with bf16 compute (needs CUDA and bitsandbytes)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (non-reentrant)")
     g = p.add_argument_group("output")
+    g.add_argument("--config", default=None,
+                   help="a yaml or json file of flag values (keys are flag names), or a previous run's rsa_config.json "
+                        "(its args); flags on the command line override it")
+    g.add_argument("--report_to", default="none", choices=("none", "tensorboard", "wandb"),
+                   help="also log the metrics of metrics.jsonl to TensorBoard (event files under <out>/runs) or "
+                        "Weights & Biases (imported only then; WANDB_MODE=offline is respected)")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run with a different config")
     g.add_argument("--log_every", type=int, default=10, help="steps between log lines / metrics.jsonl records")
@@ -401,11 +576,41 @@ def _explicit(argv, name):
     return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
 
 
+def config_values(path, parser):
+    """Flag values from a yaml/json config file (or a previous run's rsa_config.json, whose "args" are read)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)  # yaml reads json too
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid yaml or json ({str(e).splitlines()[0]})") from None
+    if isinstance(values, dict) and "stage" in values and isinstance(values.get("args"), dict):
+        values = values["args"]  # a finished run's rsa_config.json
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+    dests = {a.dest for a in parser._actions}
+    for key in values:
+        if key.replace("-", "_") not in dests:
+            raise UsageError(f"--config {path}: unknown key {key!r} (not a flag of {parser.prog})")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
 def parse_args(parser, argv=None):
-    """Parse with the parity preset applied under explicit flags, and refuse flag combinations that cannot work."""
+    """Parse with the parity preset and a --config file applied under explicit flags, and refuse flag combinations
+    that cannot work."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--radpo_parity" in argv:
+    config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    config = config or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    values = config_values(config, parser) if config else {}
+    if "--radpo_parity" in argv or values.get("radpo_parity"):
         parser.set_defaults(**RADPO_PARITY)
+    parser.set_defaults(**values)
+    for action in parser._actions:  # a flag the config gives is no longer required on the command line
+        if action.dest in values:
+            action.required = False
     args = parser.parse_args(argv)
     if args.loss == "dpo":
         for name in ("risk_measure", "risk_level", "alpha", "split_vocab", "radpo_parity", "erm_on_rewards"):
@@ -573,10 +778,11 @@ def evaluate_pairs(model, examples, lc, batch_size, pad_id, device="cpu"):
 def prepare_data(args, tokenizer):
     """Tokenised (train, eval) examples, with every drop counted."""
     try:
-        pairs = data.load_pairs(args.data, args.preference, args.schema, args.split, args.data_dir, args.strict)
+        pairs = data.load_pairs(args.data, args.preference, args.schema, args.split, args.data_dir, args.strict,
+                                args.data_config)
         if args.eval_data:
             eval_pairs = data.load_pairs(args.eval_data, args.preference, args.schema, args.eval_split,
-                                         args.data_dir, args.strict)[: args.eval_pairs]
+                                         args.data_dir, args.strict, args.data_config)[: args.eval_pairs]
         else:
             rng = random.Random(args.seed)
             pairs = pairs[:]
@@ -845,12 +1051,14 @@ def one_update(model, params, opt, sched, micro_batches, args, lc, rt, step):
     return dict(zip(keys, rt.all_reduce(torch.tensor([m[k] for k in keys], dtype=torch.float64)).tolist())), applied
 
 
-def publish(model, tokenizer, cfg, work, out, summary):
-    """The final output, atomically: adapter, tokenizer and config into the work folder, the completeness marker
-    last, then one rename onto --out. A failing write leaves the checkpoints in place to resume from."""
+def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0):
+    """The final output, atomically: the adapter (one LoRA adapter on the recorded base that stock peft loads), the
+    tokenizer, the config and a model card into the work folder, the completeness marker last, then one rename onto
+    --out. A failing write leaves the checkpoints in place to resume from."""
     try:
-        model.save_pretrained(work, safe_serialization=True)
+        write_adapter(work, adapter, cfg["base_model"], dropout)
         tokenizer.save_pretrained(work)
+        write_model_card(work, cfg, summary.get("final_eval"))
         _fsync_write(os.path.join(work, CONFIG_FILE), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
         _fsync_write(os.path.join(work, COMPLETE_FILE), lambda f: f.write(json.dumps(summary, indent=1).encode()))
     except OSError as e:
@@ -861,15 +1069,49 @@ def publish(model, tokenizer, cfg, work, out, summary):
     os.replace(work, out)
 
 
+class Reporter:
+    """metrics.jsonl, and with --report_to the same metrics (as "<split>/<name>") to TensorBoard or wandb."""
+
+    def __init__(self, work, kind, cfg):
+        self.file, self.tb, self.wandb = open(os.path.join(work, METRICS_FILE), "a"), None, None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(work, "runs"))
+        elif kind == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--report_to wandb: wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rsa"), config=cfg, dir=work)
+
+    def record(self, step, split, metrics):
+        self.file.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
 def _line(prefix, m):
     return (f"{prefix} loss {m['loss']:.4f}, acc {m['rewards/accuracies']:.3f}, margin {m['rewards/margins']:.4f}, "
             f"kl {m['kl/chosen']:.4f}/{m['kl/rejected']:.4f}")
 
 
-def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt):
+def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt, adapter=model_adapter):
     """The loop both stages share: AdamW, warm-up then decay, accumulation, clipping, mixed precision, logging,
     held-out evaluation, periodic checkpoints with exact resume, and an atomic final save. `model` is a peft model
-    whose reference is given by reference_context."""
+    whose reference is given by reference_context; `adapter(model)` gives the LoRA blocks the output holds."""
     out, work, lc, pad = args.out, args.out.rstrip("/") + ".tmp", LossConfig.from_args(args), tokenizer.pad_token_id
     total = args.max_steps or max(1, math.ceil(args.epochs * max(1, len(train_examples) // (args.batch_size * rt.world))
                                                / args.grad_accum))
@@ -883,18 +1125,14 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt):
               f"{args.grad_accum} pairs x {rt.world} process(es); loss {lc.loss}"
               + ("" if lc.measure is None else f" ({lc.measure}, level {args.risk_level})")
               + f", beta {lc.beta}; {rt.precision} on {rt.device}", flush=True)
-    log = open(os.path.join(work, METRICS_FILE), "a") if rt.main else None
-
-    def record(step, split, metrics):
-        log.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-        log.flush()
+    log = Reporter(work, args.report_to, cfg) if rt.main else None
 
     def run_eval(step):
         result = None
         if rt.main and eval_examples:
             with rt.autocast():
                 result = evaluate_pairs(model, eval_examples, lc, args.batch_size, pad, rt.device)
-            record(step, "eval", result)
+            log.record(step, "eval", result)
             tqdm.write(_line(f"[eval] step {step}:", result), file=sys.stdout)
         rt.barrier()
         return result
@@ -916,7 +1154,7 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt):
         bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}", refresh=False)
         if rt.main and (step % args.log_every == 0 or step == total):
             avg = {k: sum(x[k] for x in window) / len(window) for k in window[0]}
-            record(step, "train", avg)
+            log.record(step, "train", avg)
             tqdm.write(_line(f"[train] step {step}/{total}:", avg) + f", grad {avg['grad_norm']:.3f}, lr "
                        f"{avg['lr']:.2e}, {avg['tokens_per_s']:.0f} tok/s", file=sys.stdout)
             window = []
@@ -930,8 +1168,9 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt):
     final_eval = run_eval(total) or final_eval
     if rt.main:
         log.close()
-        publish(model, tokenizer, cfg, work, out, {"steps": total, "seconds": round(time.time() - start, 1),
-                                                   "nonfinite_skipped": skipped, "final_eval": final_eval})
+        publish(adapter(model), tokenizer, cfg, work, out, {"steps": total, "seconds": round(time.time() - start, 1),
+                                                            "nonfinite_skipped": skipped, "final_eval": final_eval},
+                args.lora_dropout)
         print(f"[train] saved {cfg['stage']} stage to {out}" + (f" ({skipped} non-finite batches skipped)"
                                                                if skipped else ""), flush=True)
     rt.barrier()

@@ -12,8 +12,9 @@ same weights with the adapter switched off (no second model copy). Pairs are the
 risk of risk.py, computed chunk by chunk at response positions from the final hidden states, never as a full
 (N, T, V) tensor. The loop, checkpoints and outputs are stage.py's.
 
-Output (--out): the LoRA adapter (safetensors), the tokenizer, rsa_config.json (the full run config), metrics.jsonl,
-and complete.json, written last: a run whose output is complete with the same config is not redone (checked before
+Output (--out): the LoRA adapter (safetensors; loads with stock peft on the SFT model), the tokenizer, a model card
+(README.md), rsa_config.json (the full run config, local paths relative to --out), metrics.jsonl, and
+complete.json, written last: a run whose output is complete with the same config is not redone (checked before
 any weights load). Baselines are settings: DPO (--loss dpo), TDPO (--risk_measure expectation), the Ra-DPO
 authors' setup (--radpo_parity). RSA(S->H) runs this stage with --preference safer; the safety stage then
 defaults to the other preference.
@@ -43,16 +44,16 @@ def build_parser():
 
 def run(args):
     cfg = stage.run_config(args, "reward", {
-        "base_model": args.sft, "gguf_file": args.gguf_file, "parent": None, "reference": "sft",
-        "base_fingerprint": stage.config_fingerprint(args.sft, args.gguf_file, args.trust_remote_code),
-        "order": "H" if args.preference == "better" else "S"})
+        "base_model": stage.recorded_path(args.sft, args.out), "gguf_file": args.gguf_file, "revision": args.revision,
+        "parent": None, "reference": "sft", "order": "H" if args.preference == "better" else "S",
+        "base_fingerprint": stage.config_fingerprint(args.sft, args.gguf_file, args.trust_remote_code, args.revision)})
     if stage.check_output(args.out, cfg, args.overwrite):
         print(f"[train] {args.out}: already complete with this config; nothing to do")
         return
     rt = stage.Runtime(args.precision)
-    tokenizer = stage.load_tokenizer(args.sft, args.gguf_file, args.trust_remote_code)
+    tokenizer = stage.load_tokenizer(args.sft, args.gguf_file, args.trust_remote_code, args.revision)
     train_examples, eval_examples = stage.prepare_data(args, tokenizer)
-    base = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code, args.load_in_4bit)
+    base = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code, args.load_in_4bit, args.revision)
     model = stage.add_lora(base, args)
     stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
                 eval_examples, rt)

@@ -16,12 +16,14 @@ and a new LoRA adapter is trained on top, so switching that adapter off gives ex
 (or --reference_mode stack) merging into 4-bit weights would be lossy, so stage 1 stays a frozen adapter named
 "reference" under the new one. Pairs are the harmlessness preferences (`safer_response_id`) by default, or the
 other preference from the reward stage's (RSA(S->H)). SACPO is both stages with --loss dpo.
+
+The output is one LoRA adapter on the SFT model holding Delta_r + Delta_s (the two updates concatenated in rank), so
+stock peft loads the safety policy on the SFT base; merge_policies.py mixes such adapters without copying the model.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -62,8 +64,8 @@ def stacked_model(args, parent):
 
     if parent.get("parent"):
         raise UsageError("--reference_mode stack supports a reward stage trained directly on its base model")
-    base = stage.load_base_model(parent["base_model"], parent.get("gguf_file"), args.trust_remote_code,
-                                 args.load_in_4bit)
+    path, gguf_file, revision = stage.base_of(args.reward_stage, parent)
+    base = stage.load_base_model(path, gguf_file, args.trust_remote_code, args.load_in_4bit, revision)
     base = stage.prepare_base(base, args)
     model = PeftModel.from_pretrained(base, args.reward_stage, adapter_name=stage.REFERENCE_ADAPTER,
                                       is_trainable=False)
@@ -87,7 +89,10 @@ def parent_of(args):
         raise UsageError("--gguf_file: the reward stage's output records its own base model")
     if plain:
         parent.update(base_fingerprint=stage.config_fingerprint(args.reward_stage, args.gguf_file,
-                                                                args.trust_remote_code), order="H")
+                                                                args.trust_remote_code, args.revision),
+                      order="H", revision=args.revision)
+    elif args.revision:
+        raise UsageError("--revision: the reward stage's output records its own base model and revision")
     first = None if plain else parent["args"]["preference"]
     args.preference = args.preference or (OTHER[first] if first else "safer")
     if args.preference == first and not args.same_preference:
@@ -103,10 +108,11 @@ def run(args):
                          f"({parent['base_model']}): architectures or shapes differ")
     beta_r = None if plain else parent["args"]["beta"]
     mode = "stack" if args.load_in_4bit and not plain else args.reference_mode
+    base = args.reward_stage if plain else stage.base_of(args.reward_stage, parent)[0]
     cfg = stage.run_config(args, "safety", {
-        "base_model": parent["base_model"], "gguf_file": parent.get("gguf_file"),
-        "base_fingerprint": parent["base_fingerprint"],
-        "parent": None if plain else os.path.abspath(args.reward_stage), "parent_config": parent,
+        "base_model": stage.recorded_path(base, args.out), "gguf_file": parent.get("gguf_file"),
+        "revision": parent.get("revision"), "base_fingerprint": parent["base_fingerprint"],
+        "parent": None if plain else stage.recorded_path(args.reward_stage, args.out), "parent_config": parent,
         "order": f"{parent['order'].split('->')[0]}->{LETTER[args.preference]}",
         "reference": f"the model {args.reward_stage} itself" if plain else f"the reward-stage policy ({mode})",
         "lambda": beta_r / args.beta if beta_r else None, "reference_mode": mode})
@@ -117,17 +123,23 @@ def run(args):
         f" with beta_r = {beta_r}, so lambda = beta_r / beta_s = {beta_r / args.beta:g}" if beta_r else
         " (pi_r is a plain model: no beta_r, no lambda)"), flush=True)
     rt = stage.Runtime(args.precision)
-    tokenizer = stage.load_tokenizer(args.reward_stage, args.gguf_file, args.trust_remote_code)
+    tokenizer = stage.load_tokenizer(args.reward_stage, args.gguf_file, args.trust_remote_code, args.revision)
     train_examples, eval_examples = stage.prepare_data(args, tokenizer)
     if plain:  # an already helpful model plays pi_r: the new adapter sits directly on it
         model = stage.add_lora(stage.load_base_model(args.reward_stage, args.gguf_file, args.trust_remote_code,
-                                                     args.load_in_4bit), args)
-    elif mode == "stack":
-        model = stacked_model(args, parent)
-    else:  # stage 1 merged in full precision: the frozen reference is the base under the new adapter
-        model = stage.add_lora(stage.load_policy(args.reward_stage, args.trust_remote_code), args)
+                                                     args.load_in_4bit, args.revision), args)
+        adapter = stage.model_adapter
+    else:
+        if mode == "stack":
+            model = stacked_model(args, parent)
+        else:  # stage 1 merged in full precision: the frozen reference is the base under the new adapter
+            model = stage.add_lora(stage.load_policy(args.reward_stage, args.trust_remote_code), args)
+        reward_update = stage.read_adapter(args.reward_stage)
+
+        def adapter(m):  # one adapter on the SFT base: stage 1's update and this stage's, concatenated in rank
+            return stage.concat_adapters([(1.0, reward_update), (1.0, stage.model_adapter(m))])
     stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
-                eval_examples, rt)
+                eval_examples, rt, adapter)
 
 
 def main(argv=None):

@@ -103,7 +103,7 @@ def test_stages_merge_and_evaluate_run_on_a_gguf_policy(tiny_gguf, tmp_path):
                                     "--lora_r", "2", "--out", out]) == 0
     with open(os.path.join(out, stage.CONFIG_FILE)) as f:
         cfg = json.load(f)
-    assert cfg["base_model"] == path and cfg["parent"] is None and cfg["lambda"] is None
+    assert stage.base_of(out)[0] == path and cfg["parent"] is None and cfg["lambda"] is None
     tok = stage.load_tokenizer(out)
     example = data.tokenize_pairs(data.load_pairs(pairs), tok, 48, 24)[0]
     assert tok.decode(example["prompt_ids"]).startswith("<|im_start|>user\nhello 0<|im_end|>")

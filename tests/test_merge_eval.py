@@ -34,40 +34,84 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_mixture_endpoints_and_interpolation(trained):
+def stock(folder):
+    """An output folder loaded the way peft users load adapters: the recorded base, then the adapter on it."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    base = stage.resolved_path(json.load(open(os.path.join(folder, stage.CONFIG_FILE)))["base_model"], folder)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()
+
+
+def test_mixture_endpoints_and_interpolation(trained):
     ids = torch.randint(3, 40, (2, 12))
     pi_r, pi_rs = stage.load_policy(trained["reward"]), stage.load_policy(trained["safety"])
-    q1 = AutoModelForCausalLM.from_pretrained(os.path.join(trained["mix"], "q1"))
-    q0 = AutoModelForCausalLM.from_pretrained(os.path.join(trained["mix"], "q0"))
+    q1, q0 = stock(os.path.join(trained["mix"], "q1")), stock(os.path.join(trained["mix"], "q0"))
     assert torch.allclose(logits(q1, ids), logits(pi_r, ids), atol=1e-5)
     assert torch.allclose(logits(q0, ids), logits(pi_rs, ids), atol=1e-5)
     assert not torch.allclose(logits(q0, ids), logits(q1, ids), atol=1e-3)
-    mixed = load_file(os.path.join(trained["mix"], "q0.3", "model.safetensors"))
+    mixed = stage.load_policy(os.path.join(trained["mix"], "q0.3")).state_dict()
     sr, ss = pi_r.state_dict(), pi_rs.state_dict()
     for k, v in mixed.items():
         assert torch.allclose(v, 0.3 * sr[k] + 0.7 * ss[k], atol=1e-6), k
-    note = json.load(open(os.path.join(trained["mix"], "q0.3", merge_policies.MIXTURE_FILE)))
-    assert note["q"] == 0.3 and note["mode"] == "rsa_p" and note["order"] == "H->S"
+    note = stage.read_stage(os.path.join(trained["mix"], "q0.3"))
+    assert note["q"] == 0.3 and note["mode"] == "rsa_p" and note["order"] == "H->S" and note["stage"] == "mixture"
+    # an adapter with the safety adapter's rank, not a model copy
+    assert not os.path.exists(os.path.join(trained["mix"], "q0.3", "model.safetensors"))
+    rank = lambda f: json.load(open(os.path.join(f, "adapter_config.json")))["r"]  # noqa: E731
+    assert rank(os.path.join(trained["mix"], "q0.3")) == rank(trained["safety"]) == 2 * rank(trained["reward"])
+
+
+def raw_updates(folder):
+    """{module: scaling * B @ A} read straight from an adapter folder's files."""
+    weights = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+    return {k.removesuffix(".lora_A.weight"): cfg["lora_alpha"] / cfg["r"] * weights[k.replace("lora_A", "lora_B")]
+            @ weights[k] for k in weights if k.endswith("lora_A.weight")}
 
 
 def test_lora_mixture_is_reward_policy_plus_scaled_safety_delta(trained):
-    """theta(q) = theta_r + (1 - q) * Delta_s, with Delta_s = scale * B @ A read from the adapter file."""
-    adapter = load_file(os.path.join(trained["safety"], "adapter_model.safetensors"))
-    cfg = json.load(open(os.path.join(trained["safety"], "adapter_config.json")))
-    scale = cfg["lora_alpha"] / cfg["r"]
-    theta_r = stage.load_policy(trained["reward"]).state_dict()
-    mixed = load_file(os.path.join(trained["mix"], "q0.3", "model.safetensors"))
-    checked = 0
-    for key in adapter:
-        if not key.endswith("lora_A.weight"):
-            continue
-        a, b = adapter[key], adapter[key.replace("lora_A", "lora_B")]
-        target = key.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
-        assert torch.allclose(mixed[target], theta_r[target] + 0.7 * scale * (b @ a), atol=1e-6)
-        checked += 1
-    assert checked > 0
+    """theta(q) = theta_r + (1 - q) * Delta_s: per module, the mixture's update is Delta_r + 0.7 Delta_s, where the
+    safety adapter's update is Delta_r + Delta_s (stage 1's and its own, concatenated in rank)."""
+    reward, safety = raw_updates(trained["reward"]), raw_updates(trained["safety"])
+    mixed = raw_updates(os.path.join(trained["mix"], "q0.3"))
+    assert mixed.keys() == safety.keys() and set(reward) <= set(safety)
+    for name, update in mixed.items():
+        delta_r = reward.get(name, torch.zeros_like(update))
+        assert torch.allclose(update, delta_r + 0.7 * (safety[name] - delta_r), atol=1e-6), name
+    assert max((safety[n] - reward[n]).abs().max().item() for n in reward) > 1e-4  # the safety stage moved
+
+
+def test_every_output_loads_with_stock_peft_as_the_project_loader_does(trained, tiny_world):
+    """Reward stage, safety stage and mixture, loaded with stock transformers + peft on their recorded base, give
+    the project loader's logits; the safety policy loaded so is the policy its training evaluated (its final
+    held-out log-probabilities), not the SFT model plus the safety update alone."""
+
+    ids = torch.randint(3, 40, (2, 12))
+    for folder in (trained["reward"], trained["safety"], os.path.join(trained["mix"], "q0.3")):
+        assert torch.allclose(logits(stock(folder), ids), logits(stage.load_policy(folder), ids), atol=1e-5), folder
+        assert "from_pretrained" in open(os.path.join(folder, "README.md")).read()  # the model card
+    assert_stock_is_the_trained_policy(trained["safety"])
+
+
+def assert_stock_is_the_trained_policy(folder):
+    """A stage output loaded with stock peft gives, on the held-out pairs the stage split off (no --eval_data), the
+    chosen log-probabilities the stage's final evaluation logged for the model it trained."""
+    import random
+
+    from test_stages import sequence_logps
+
+    import data
+
+    cfg = stage.read_stage(folder)
+    final = json.load(open(os.path.join(folder, stage.COMPLETE_FILE)))["final_eval"]
+    tok = stage.load_tokenizer(folder)
+    pairs = data.load_pairs(cfg["args"]["data"], cfg["args"]["preference"])
+    random.Random(cfg["args"]["seed"]).shuffle(pairs)
+    held = data.tokenize_pairs(pairs[: min(cfg["args"]["eval_pairs"], len(pairs) // 10)], tok,
+                               cfg["args"]["max_length"], cfg["args"]["max_prompt_length"])
+    got = sequence_logps(stock(folder), data.collate(held, tok.pad_token_id))[: len(held)].mean().item()
+    assert got == pytest.approx(final["logps/chosen"], abs=1e-4)
 
 
 def test_merge_errors(trained, full_world, capsys):

@@ -138,6 +138,9 @@ def test_stacked_reference_is_the_reward_policy(reference_run, tiny_world):
     pairs = reference_run["pairs"]
     assert train_safety_stage.main(["--reward_stage", reference_run["out"], "--data", pairs, "--out", out,
                                     "--max_steps", "3", "--lr", "1e-2", "--reference_mode", "stack", *FAST]) == 0
+    from test_merge_eval import assert_stock_is_the_trained_policy
+
+    assert_stock_is_the_trained_policy(out)  # the 4-bit path's output loads with stock peft on the SFT model too
     args = stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", reference_run["out"], "--data", pairs,
                                                                 "--out", out, "--reference_mode", "stack", *FAST])
     model = train_safety_stage.stacked_model(args, stage.read_stage(reference_run["out"]))
@@ -249,20 +252,12 @@ def failing_write(monkeypatch, name, step_folder=None):
     (stage.COMPLETE_FILE, "step-00000004.tmp", "step-00000002"),
     (stage.CONFIG_FILE, None, "step-00000004"),  # the final output's config
     (stage.COMPLETE_FILE, None, "step-00000004"),  # the final output's marker
-    ("adapter_model.safetensors", None, "step-00000004"),  # the final adapter (peft's own writer)
+    ("adapter_model.safetensors", None, "step-00000004"),  # the final adapter
 ])
 def test_a_failing_write_stops_with_the_path_and_keeps_the_last_checkpoint(name, step_folder, last, reference_run,
                                                                             tiny_world, monkeypatch, capsys):
     out = str(reference_run["tmp"] / f"enospc_{name.split('.')[0]}_{'checkpoint' if step_folder else 'final'}")
-    if name == "adapter_model.safetensors":
-        from peft import PeftModel
-
-        def no_space(self, folder, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(folder, name))
-
-        monkeypatch.setattr(PeftModel, "save_pretrained", no_space)
-    else:
-        failing_write(monkeypatch, name, step_folder)
+    failing_write(monkeypatch, name, step_folder)
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2
     err = "\n".join(line for line in capsys.readouterr().err.splitlines() if "error:" in line)
     assert len(err.splitlines()) == 1 and name in err and "No space left on device" in err, err
