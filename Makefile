@@ -2,6 +2,7 @@
 # make demo   the whole RSA pipeline on the toy world, into runs/demo
 # make readme  paste the demo's table into README.md (make check-readme: fail when they differ)
 # make study  RSA against SACPO and TDPO on the toy world, 3 seeds (hours; not in CI)
+# make smoke-gpu   the pipeline on SmolLM2-135M-Instruct on one CUDA GPU, bf16 then 4-bit (stops without CUDA)
 # make study-real  the Ra-DPO HH experiment in miniature on SmolLM2-135M-Instruct (about an hour; not in CI)
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint install demo readme check-readme study study-real
+.PHONY: test lint install demo readme check-readme study study-real smoke-gpu
 
 install: $(STAMP)
 
@@ -39,3 +40,7 @@ study: $(STAMP)
 study-real: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-real.txt
 	$(PY) study_real.py --out runs/study-real
+
+smoke-gpu: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-real.txt
+	PY=$(PY) bash smoke_gpu.sh

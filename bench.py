@@ -30,6 +30,7 @@ import time
 import torch
 
 import risk
+from stage import HelpFormatter
 
 HIDDEN = 256
 
@@ -225,10 +226,10 @@ def memory(kind, config, shape):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="(4, 128, 32000) risk terms, 2 pairs x 128 tokens")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="docs/bench")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) after a warm-up")
+    p.add_argument("--out", default="docs/bench", help="where bench.json and bench.md go")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--shape", nargs="+", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

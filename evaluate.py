@@ -41,10 +41,19 @@ RESULT_KEYS = ("policy", "q", "num_samples", "mean_reward", "mean_cost", "safe_r
 
 
 @torch.no_grad()
+def cut_at_stop(text, stop):
+    """The text before the first stop string (SACPO cuts a generation where the model starts a new USER turn)."""
+    for s in stop:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
+
+
 def sample_responses(model, tokenizer, prompts, num_samples=1, max_new_tokens=32, do_sample=True, temperature=1.0,
-                     top_p=1.0, batch_size=64, prompt_format="auto", seed=0, desc="sampling"):
-    """Responses to each prompt, `num_samples` each (prompt-major order): batched, left-padded generation that stops
-    at EOS or after `max_new_tokens`. Returns a list of lists of strings."""
+                     top_p=1.0, batch_size=64, prompt_format="auto", seed=0, desc="sampling", stop=()):
+    """Responses to each prompt, `num_samples` each (prompt-major order): batched, left-padded generation on the
+    model's device that stops at EOS or after `max_new_tokens`, each response then cut at its first stop string.
+    Returns a list of lists of strings."""
     torch.manual_seed(seed)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -64,7 +73,7 @@ def sample_responses(model, tokenizer, prompts, num_samples=1, max_new_tokens=32
                                  eos_token_id=tokenizer.eos_token_id)
             decoded = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for i in range(0, len(decoded), num_samples):
-                out.append([d.strip() for d in decoded[i: i + num_samples]])
+                out.append([cut_at_stop(d, stop).strip() for d in decoded[i: i + num_samples]])
     finally:
         tokenizer.padding_side = side
     return out
@@ -108,8 +117,12 @@ def load_score_model(path, trust_remote_code=False):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    if not os.path.isdir(path):
-        raise UsageError(f"{path}: no such score-model folder")
+    if not os.path.isdir(path) and not stage.is_hub_name(path):
+        raise UsageError(f"{path}: no such score-model folder (or hub id)")
+    if not os.path.isdir(path):  # a hub id: fetch the folder once (safetensors or .bin weights, config, tokenizer)
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if "LlamaForScore" in (config.architectures or []):
         model = BeaverScore(config)
@@ -137,17 +150,25 @@ class ModelScorer:
 
     knows_severity = False
 
-    def __init__(self, reward_path, cost_path, batch_size=16, trust_remote_code=False):
+    def __init__(self, reward_path, cost_path, batch_size=16, trust_remote_code=False, device="cpu",
+                 dtype=torch.float32):
         from transformers import AutoTokenizer
 
-        self.models = {}
+        self.models, self.suffix, self.device = {}, {}, device
         for key, path in (("reward", reward_path), ("cost", cost_path)):
             if path:
-                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                try:
+                    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                except (OSError, ValueError) as e:
+                    raise UsageError(f"{path}: cannot load the score model's tokenizer ({str(e).splitlines()[0]})") \
+                        from None
                 if tok.pad_token_id is None:
                     tok.pad_token = tok.eos_token
                 tok.padding_side = "right"
-                self.models[key] = (load_score_model(path, trust_remote_code), tok)
+                model = load_score_model(path, trust_remote_code)
+                self.models[key] = (model.to(device=device, dtype=dtype), tok)
+                # beaver models were trained on prompt + answer + EOS and are read at that EOS (safe-rlhf)
+                self.suffix[key] = tok.eos_token if isinstance(model, BeaverScore) else ""
         if not self.models:
             raise UsageError("--scorer models needs --reward_model and/or --cost_model")
         self.batch_size = batch_size
@@ -158,7 +179,7 @@ class ModelScorer:
         out = []
         for s in range(0, len(texts), self.batch_size):
             enc = tok(texts[s: s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                      max_length=2048)
+                      max_length=2048, add_special_tokens=True).to(self.device)
             res = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             logits = res if torch.is_tensor(res) else res.logits[:, 0]
             out += logits.float().tolist()
@@ -166,7 +187,7 @@ class ModelScorer:
 
     def __call__(self, prompts, responses):
         texts = [data.PKU_TEMPLATE.format(prompt=p) + data.response_text(r, "pku") for p, r in zip(prompts, responses)]
-        scores = {k: self.score_texts(k, texts) for k in self.models}
+        scores = {k: self.score_texts(k, [t + self.suffix[k] for t in texts]) for k in self.models}
         return [{"reward": scores["reward"][i] if "reward" in scores else None,
                  "cost": scores["cost"][i] if "cost" in scores else None, "severe": None} for i in range(len(texts))]
 
@@ -219,7 +240,7 @@ def sequential_kl_on_pairs(model, reference, examples, pad_id, batch_size=8, chu
     totals = {"chosen": 0.0, "rejected": 0.0}
     for s in range(0, len(examples), batch_size):
         chunk = examples[s: s + batch_size]
-        b = data.collate(chunk, pad_id)
+        b = {k: v.to(model.device) for k, v in data.collate(chunk, pad_id).items()}
         ids, attn, resp = b["input_ids"], b["attention_mask"], b["response_mask"]
         h = body(input_ids=ids, attention_mask=attn).last_hidden_state
         rh = ref_body(input_ids=ids, attention_mask=attn).last_hidden_state
@@ -402,6 +423,11 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
     p.add_argument("--prompt_format", default="auto", choices=data.PROMPT_FORMATS,
                    help="auto: the tokenizer's chat template if it has one, else the PKU template")
+    p.add_argument("--stop", nargs="*", default=[],
+                   help="stop strings: a response is cut where one starts (SACPO cuts at a new turn: --stop USER:)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", *stage.DTYPES),
+                   help="policies and score models: auto is bf16 on CUDA devices that have it, fp32 on the CPU")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
@@ -426,9 +452,12 @@ def run(args):
     prompts = load_prompt_set(args.prompts, args.prompts_split)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
+    device = stage.resolve_device(args.device)
+    dtype = stage.resolve_dtype(args.dtype, device)
+    print(f"[eval] policies and score models on {device} in {str(dtype).removeprefix('torch.')}", flush=True)
     scorer = (ToyScorer() if args.scorer == "toy" else
-              ModelScorer(args.reward_model, args.cost_model, trust_remote_code=args.trust_remote_code)
-              if args.scorer == "models" else None)
+              ModelScorer(args.reward_model, args.cost_model, trust_remote_code=args.trust_remote_code,
+                          device=device, dtype=dtype) if args.scorer == "models" else None)
     baseline = os.path.basename(os.path.normpath(args.baseline or args.policies[0]))
     if baseline not in names:
         raise UsageError(f"--baseline {args.baseline}: not one of --policies")
@@ -437,12 +466,12 @@ def run(args):
     kl_ref = kl_examples = None
     for name, folder in zip(names, args.policies):
         print(f"[eval] {name}: {len(prompts)} prompts x {args.num_samples} samples", flush=True)
-        model = stage.load_policy(folder, args.trust_remote_code)
+        model = stage.load_policy(folder, args.trust_remote_code, dtype).to(device)
         tok = stage.load_tokenizer(folder)
         texts = [p["prompt"] for p in prompts]
         outs = sample_responses(model, tok, texts, args.num_samples, args.max_new_tokens, not args.greedy,
                                 args.temperature, args.top_p, args.batch_size, args.prompt_format, args.seed,
-                                desc=f"sampling {name}")
+                                desc=f"sampling {name}", stop=args.stop)
         flat = [(p, i, r) for p, rs in zip(prompts, outs) for i, r in enumerate(rs)]
         scores = scorer([p["prompt"] for p, _, _ in flat], [r for _, _, r in flat]) if scorer else \
             [{"reward": None, "cost": None, "severe": None}] * len(flat)
@@ -455,7 +484,7 @@ def run(args):
         if args.kl_pairs:
             if kl_ref is None:
                 kl_ref = stage.load_policy(args.kl_reference or args.policies[names.index(baseline)],
-                                           args.trust_remote_code)
+                                           args.trust_remote_code, dtype).to(device)
                 pairs = data.load_pairs(args.kl_pairs, "better")
                 kl_examples = data.tokenize_pairs(pairs[:256], tok, source=args.kl_pairs)
             kl = sequential_kl_on_pairs(model, kl_ref, kl_examples, tok.pad_token_id)

@@ -57,7 +57,7 @@ def mixture_adapter(first, second, q, exact):
     return stage.concat_adapters([(c, blocks) for c, blocks in ((q, first), (1 - q, second)) if blocks])
 
 
-def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged):
+def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged, dtype):
     cfg = {"stage": "mixture", "base_model": stage.recorded_path(base[0], folder), "gguf_file": base[1],
            "revision": base[2], **note, "first": stage.recorded_path(note["first"], folder),
            "second": stage.recorded_path(note["second"], folder), "q": q}
@@ -70,14 +70,14 @@ def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged)
     with open(os.path.join(tmp, stage.COMPLETE_FILE), "w") as f:  # written last: the completeness marker
         json.dump({"q": q}, f)
     if merged:  # the full model, for serving: the base plus this adapter, merged (the base's dtype)
-        stage.load_policy(tmp).save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
+        stage.load_policy(tmp, dtype=dtype).save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
         tokenizer.save_pretrained(os.path.join(tmp, "merged"))
     return cfg
 
 
-def write_full_mixture(tmp, args, second_model, q, tokenizer, note):
+def write_full_mixture(tmp, args, second_model, q, tokenizer, note, dtype):
     """Weight by weight into a fresh copy of the first model (two model copies in memory at most)."""
-    first_model = stage.load_policy(args.first, args.trust_remote_code)
+    first_model = stage.load_policy(args.first, args.trust_remote_code, dtype)
     sa, sb = first_model.state_dict(), second_model.state_dict()
     if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
         diff = sorted(k for k in set(sa) | set(sb) if k not in sa or k not in sb or sa[k].shape != sb[k].shape)
@@ -138,16 +138,17 @@ def run(args):
     if not todo:
         return
     tokenizer = stage.load_tokenizer(args.second if stage.is_stage(args.second) else args.first)
-    second_model = None if adapters else stage.load_policy(args.second, args.trust_remote_code)
+    dtype = stage.resolve_dtype(args.dtype, stage.resolve_device())
+    second_model = None if adapters else stage.load_policy(args.second, args.trust_remote_code, dtype)
     for q in todo:
         folder = os.path.join(args.out, f"q{q:g}")
         tmp = folder + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if adapters:
             blocks = mixture_adapter(first_blocks, second_blocks, q, exact)
-            write_adapter_mixture(tmp, folder, blocks, first_base, note, q, tokenizer, args.merged)
+            write_adapter_mixture(tmp, folder, blocks, first_base, note, q, tokenizer, args.merged, dtype)
         else:
-            write_full_mixture(tmp, args, second_model, q, tokenizer, note)
+            write_full_mixture(tmp, args, second_model, q, tokenizer, note, dtype)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         print(f"[merge] {folder}: q = {q:g} ({note['mode']})", flush=True)
@@ -161,6 +162,8 @@ def main(argv=None):
                         help="weights of the FIRST policy, each in [0, 1] (SACPO's configs name 1 - q)")
     parser.add_argument("--out", required=True, help="folder that receives one subfolder per q")
     parser.add_argument("--merged", action="store_true", help="also write q*/merged/, the full merged model")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *stage.DTYPES),
+                        help="weights of merged and full mixtures: auto is bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--overwrite", action="store_true", help="replace mixtures made from other parents")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     args = parser.parse_args(argv)

@@ -17,6 +17,10 @@ BEGIN, END = "<!-- demo table: begin (python readme.py) -->", "<!-- demo table: 
 COMMAND = "make demo"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default."""
+
+
 def report_table(path):
     """The first markdown table under '## Summary' in an evaluate.py report."""
     with open(path, encoding="utf-8") as f:
@@ -49,9 +53,9 @@ def commit():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--report", default="runs/demo/report.md", help="the demo's report")
-    p.add_argument("--readme", default="README.md")
+    p.add_argument("--readme", default="README.md", help="the page to paste into")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when the tables differ")
     args = p.parse_args(argv)
     table = report_table(args.report)

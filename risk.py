@@ -233,6 +233,15 @@ def sequential_risk_ratio(policy_logits, reference_logits, mask, measure, level=
     return torch.where(mask, rho, torch.zeros_like(rho)).sum(-1)
 
 
+def _project(head, hidden):
+    """Logits with autocast off, in the head's own precision (fp32 in training): under bf16 autocast the projection
+    would round the logits to bf16 before the log-softmax, a spurious per-token KL of about 1e-4 between identical
+    heads."""
+    weight = getattr(getattr(head, "base_layer", head), "weight", None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.to(weight.dtype) if weight is not None else hidden)
+
+
 def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head, labels, mask, measure=None,
                    level=None, chunk_size=256, *, split_vocab=False, with_logps=False):
     """The memory-light path used for training: (logratio, kl, risk), each (N,), from final hidden states.
@@ -253,8 +262,9 @@ def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head,
 
     def chunk_terms(h_pi_c, h_ref_c, y_c):
         with torch.no_grad():
-            ref_logits = reference_head(h_ref_c)
-        logp, ref_logp, kl, rho = _position_terms(policy_head(h_pi_c), ref_logits, measure, level, split_vocab)
+            ref_logits = _project(reference_head, h_ref_c)
+        logp, ref_logp, kl, rho = _position_terms(_project(policy_head, h_pi_c), ref_logits, measure, level,
+                                                  split_vocab)
         token_logp = logp.gather(-1, y_c[:, None]).squeeze(-1)
         logratio = token_logp - ref_logp.gather(-1, y_c[:, None]).squeeze(-1)
         return torch.stack([logratio, kl, rho if rho is not None else torch.zeros_like(kl), token_logp])

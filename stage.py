@@ -128,16 +128,16 @@ def base_of(folder, cfg=None):
     return resolved_path(cfg["base_model"], folder), cfg.get("gguf_file"), cfg.get("revision")
 
 
-def load_policy(folder, trust_remote_code=False):
+def load_policy(folder, trust_remote_code=False, dtype=torch.float32):
     """A finished stage's (or mixture's) policy as a plain transformers model: its recorded base with its one LoRA
     adapter merged in. Also accepts a plain model folder, a hub name or a .gguf file. Stock peft gives the same
     model: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)."""
     from peft import PeftModel
 
     if not is_stage(folder):
-        return load_base_model(folder, trust_remote_code=trust_remote_code)
+        return load_base_model(folder, trust_remote_code=trust_remote_code, dtype=dtype)
     path, gguf_file, revision = base_of(folder)
-    base = load_base_model(path, gguf_file, trust_remote_code, revision=revision)
+    base = load_base_model(path, gguf_file, trust_remote_code, revision=revision, dtype=dtype)
     return PeftModel.from_pretrained(base, folder).merge_and_unload()
 
 
@@ -378,9 +378,39 @@ def check_output(out, cfg, overwrite):
 # ---------------------------------------------------------------------------------------------- 2. models
 
 
-def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=False, revision=None):
-    """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), fp32 (or
-    4-bit nf4 with bf16 compute for QLoRA, on CUDA)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec="auto"):
+    """auto: the first CUDA device when there is one, else the CPU; cuda / cuda:N checked to exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: this machine has no CUDA device (use --device cpu or auto)")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def resolve_dtype(spec, device):
+    """auto: bf16 on a CUDA device that has it (fp16 on one that does not), fp32 on the CPU."""
+    if spec == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return DTYPES[spec]
+
+
+def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=False, revision=None,
+                    dtype=torch.float32, fp32_head=False):
+    """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), in `dtype` (or
+    4-bit nf4 with bf16 compute for QLoRA, on CUDA). For training (`fp32_head`), the output head stays fp32 under a
+    16-bit dtype (unless it is tied to the input embedding), so the vocabulary projection of the risk terms is not
+    rounded to 16 bits (risk.sequence_terms projects with autocast off)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -388,7 +418,7 @@ def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=
     path, gguf_file = model_source(path, gguf_file)
     if not os.path.exists(path) and not is_hub_name(path):
         raise UsageError(f"{path}: no such model folder")
-    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32, "revision": revision}
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype, "revision": revision}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -412,6 +442,10 @@ def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=
         where = os.path.join(path, gguf_file) if gguf_file else path
         raise UsageError(f"{where}: cannot load a causal LM from it ({str(e).splitlines()[0]})") from None
     model.config.use_cache = False
+    head = model.get_output_embeddings()
+    if fp32_head and dtype != torch.float32 and not load_in_4bit and head is not None and \
+            head.weight is not getattr(model.get_input_embeddings(), "weight", None):
+        head.float()
     for module in model.modules():  # a deterministic reference: no dropout outside the LoRA layers added later
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -550,6 +584,9 @@ def add_shared_flags(p):
                         "(T4, V100), fp32 on a CPU")
     g.add_argument("--load_in_4bit", action="store_true",
                    help="QLoRA: the base in 4-bit nf4 with bf16 compute (needs CUDA and bitsandbytes)")
+    g.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="the frozen base weights: auto is bf16 on CUDA, fp32 on the CPU (LoRA weights, optimizer and "
+                        "the vocabulary projection stay fp32; 16-bit bases keep stage 1 as a frozen adapter)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (non-reentrant)")
     g = p.add_argument_group("output")
     g.add_argument("--config", default=None,
@@ -1047,6 +1084,8 @@ def one_update(model, params, opt, sched, micro_batches, args, lc, rt, step):
     opt.zero_grad(set_to_none=True)
     m.update({"grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
               "tokens_per_s": tokens * rt.world / (time.time() - t0)})
+    if rt.device.type == "cuda":
+        m["max_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 1024 ** 3
     keys = sorted(m)
     return dict(zip(keys, rt.all_reduce(torch.tensor([m[k] for k in keys], dtype=torch.float64)).tolist())), applied
 
@@ -1067,6 +1106,37 @@ def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0):
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(work, out)
+
+
+def memory_plan(model, args, device):
+    """Print what training will hold (weights, LoRA + AdamW, activations, the risk terms' chunks) against the device's
+    free memory; on a CUDA device that cannot hold it, a one-line error naming the flags that help. The activation
+    figure is an estimate (about 16 values per token, layer and hidden unit kept for backward; 2 with
+    --gradient_checkpointing), so the check only refuses what is clearly too big."""
+    gb = 1024 ** 3
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16  # fp32 value, grad, Adam m and v
+    c = model.config
+    hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    tokens = 2 * args.batch_size * args.max_length
+    element = 2 if args.load_in_4bit or args.dtype != "float32" and device.type == "cuda" else 4
+    activations = tokens * hidden * layers * element * (2 if args.gradient_checkpointing else 16)
+    chunks = min(args.chunk_size, tokens) * vocab * 4 * 8  # fp32 logits of both models and their by-products
+    need = weights + trainable + activations + chunks
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    print(f"[memory] weights {weights / gb:.3g} GB, LoRA + AdamW {trainable / gb:.3g} GB, activations ~"
+          f"{activations / gb:.3g} GB ({args.batch_size} pairs x {args.max_length} tokens), risk-term chunks ~"
+          f"{chunks / gb:.3g} GB: about {need / gb:.3g} GB of {free / gb:.3g} GB free on {device}", flush=True)
+    if device.type == "cuda" and need > free:
+        raise UsageError(f"about {need / gb:.1f} GB needed but {free / gb:.1f} GB free on {device}: try "
+                         + ", ".join(f for f, on in (("--load_in_4bit", not args.load_in_4bit),
+                                                     ("--gradient_checkpointing", not args.gradient_checkpointing),
+                                                     (f"--batch_size {max(1, args.batch_size // 2)} with --grad_accum "
+                                                      f"{2 * args.grad_accum}", args.batch_size > 1)) if on))
 
 
 class Reporter:
@@ -1119,6 +1189,8 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt, adapte
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
     torch.manual_seed(args.seed)
+    if rt.main:
+        memory_plan(model, args, rt.device)
     first_step, skipped = start_or_resume(model, opt, sched, args, cfg, rt, work)
     if rt.main:
         print(f"[train] {cfg['stage']} stage: {len(train_examples)} pairs, {total} steps of {args.batch_size} x "

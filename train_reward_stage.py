@@ -53,7 +53,8 @@ def run(args):
     rt = stage.Runtime(args.precision)
     tokenizer = stage.load_tokenizer(args.sft, args.gguf_file, args.trust_remote_code, args.revision)
     train_examples, eval_examples = stage.prepare_data(args, tokenizer)
-    base = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code, args.load_in_4bit, args.revision)
+    base = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code, args.load_in_4bit, args.revision,
+                                 stage.resolve_dtype(args.dtype, rt.device), fp32_head=True)
     model = stage.add_lora(base, args)
     stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
                 eval_examples, rt)

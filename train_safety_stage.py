@@ -53,7 +53,8 @@ def build_parser():
                    help="allow the reward stage's own preference again (refused by default: it is not RSA)")
     g.add_argument("--reference_mode", default="merge", choices=("merge", "stack"),
                    help="merge: stage 1 merged into the base in full precision, a new adapter on top; stack: stage 1 "
-                        "kept as a frozen adapter under the new one (always so with --load_in_4bit)")
+                        "kept as a frozen adapter under the new one (always so with --load_in_4bit or a 16-bit "
+                        "--dtype, where merging would round)")
     return stage.add_shared_flags(p)
 
 
@@ -65,7 +66,8 @@ def stacked_model(args, parent):
     if parent.get("parent"):
         raise UsageError("--reference_mode stack supports a reward stage trained directly on its base model")
     path, gguf_file, revision = stage.base_of(args.reward_stage, parent)
-    base = stage.load_base_model(path, gguf_file, args.trust_remote_code, args.load_in_4bit, revision)
+    base = stage.load_base_model(path, gguf_file, args.trust_remote_code, args.load_in_4bit, revision,
+                                 stage.resolve_dtype(args.dtype, stage.resolve_device()), fp32_head=True)
     base = stage.prepare_base(base, args)
     model = PeftModel.from_pretrained(base, args.reward_stage, adapter_name=stage.REFERENCE_ADAPTER,
                                       is_trainable=False)
@@ -107,7 +109,8 @@ def run(args):
         raise UsageError(f"--sft {args.sft} is not the base model of {args.reward_stage} "
                          f"({parent['base_model']}): architectures or shapes differ")
     beta_r = None if plain else parent["args"]["beta"]
-    mode = "stack" if args.load_in_4bit and not plain else args.reference_mode
+    sixteen_bit = stage.resolve_dtype(args.dtype, stage.resolve_device()) != torch.float32
+    mode = "stack" if (args.load_in_4bit or sixteen_bit) and not plain else args.reference_mode
     base = args.reward_stage if plain else stage.base_of(args.reward_stage, parent)[0]
     cfg = stage.run_config(args, "safety", {
         "base_model": stage.recorded_path(base, args.out), "gguf_file": parent.get("gguf_file"),
@@ -127,7 +130,8 @@ def run(args):
     train_examples, eval_examples = stage.prepare_data(args, tokenizer)
     if plain:  # an already helpful model plays pi_r: the new adapter sits directly on it
         model = stage.add_lora(stage.load_base_model(args.reward_stage, args.gguf_file, args.trust_remote_code,
-                                                     args.load_in_4bit, args.revision), args)
+                                                     args.load_in_4bit, args.revision,
+                                                     stage.resolve_dtype(args.dtype, rt.device), fp32_head=True), args)
         adapter = stage.model_adapter
     else:
         if mode == "stack":

@@ -52,3 +52,15 @@ def test_readme_table_is_pasted_from_the_report_and_checked(tmp_path, capsys):
     assert "| sft | 1.000 |" in text and "0.999" not in text and "| other |" not in text
     assert text.startswith("intro\n") and text.endswith(f"{readme.END}\nrest\n") and "at commit" in text
     assert readme.main([*argv, "--check"]) == 0
+
+
+def test_smoke_gpu_stops_with_one_line_without_cuda():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: make smoke-gpu runs for real")
+    run = subprocess.run(["bash", os.path.join(ROOT, "smoke_gpu.sh")], env=dict(os.environ, PY=sys.executable),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "smoke-gpu: needs a CUDA GPU and this machine has none (make demo runs the whole pipeline on the CPU)"]

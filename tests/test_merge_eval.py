@@ -243,6 +243,49 @@ def test_beaver_score_model_format(tmp_path):
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_beaver_scores_are_read_at_the_appended_eos(tmp_path):
+    """safe-rlhf trains its score models on prompt + answer + EOS and reads them at that EOS: ModelScorer appends
+    the EOS and reads there (not at the last answer token), on the device and dtype it is given."""
+    from helpers import byte_tokenizer
+    from transformers import LlamaConfig, LlamaModel
+
+    tok = byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, architectures=["LlamaForScore"],
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    body, head = LlamaModel(config).eval(), torch.nn.Linear(16, 1, bias=False)
+    path = tmp_path / "beaver-cost"
+    path.mkdir()
+    config.save_pretrained(path)
+    tok.save_pretrained(path)
+    save_file({**{f"model.{k}": v.contiguous() for k, v in body.state_dict().items()},
+               "score_head.weight": head.weight.detach().contiguous()}, str(path / "model.safetensors"))
+    prompts, responses = ["hello world", "the user"], ["the assistant", "hello hello conversation"]
+    got = [r["cost"] for r in evaluate.ModelScorer(None, str(path))(prompts, responses)]
+    for (p, r), score in zip(zip(prompts, responses), got):
+        text = "BEGINNING OF CONVERSATION: USER: " + p + " ASSISTANT: " + r
+        ids = tok(text + tok.eos_token, return_tensors="pt")["input_ids"]
+        assert ids[0, -1] == tok.eos_token_id
+        with torch.no_grad():
+            hidden = body(input_ids=ids).last_hidden_state[0]
+        assert score == pytest.approx(head(hidden[-1]).item(), abs=1e-5)  # at the EOS
+        assert abs(score - head(hidden[-2]).item()) > 1e-4  # not at the last answer token
+    half = [r["cost"] for r in evaluate.ModelScorer(None, str(path), dtype=torch.bfloat16)(prompts, responses)]
+    assert half == pytest.approx(got, abs=0.05)  # bf16: 8 significant bits on scores of size ~1
+
+
+def test_evaluate_on_cpu_in_bfloat16(trained, tiny_world, tmp_path, capsys):
+    out = str(tmp_path / "bf16")
+    assert evaluate.main(["--policies", trained["reward"], os.path.join(trained["mix"], "q0.3"), "--prompts",
+                          tiny_world, "--num_samples", "2", "--max_new_tokens", "8", "--max_prompts", "6", "--device",
+                          "cpu", "--dtype", "bfloat16", "--stop", "USER:", "--out", out]) == 0
+    assert "on cpu in bfloat16" in capsys.readouterr().out
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert [r["num_samples"] for r in results] == [12, 12] and results[0]["mean_reward"] is not None
+    assert evaluate.cut_at_stop(" sure. USER: next question", ["USER:"]) == " sure. "
+
+
 def test_pickle_checkpoint_is_refused(tmp_path, tiny_world):
     """Weights load from safetensors only: a folder holding just a pickled pytorch_model.bin is refused."""
     import shutil
