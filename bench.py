@@ -8,8 +8,8 @@ Every time is a ratio against a baseline measured in the same process (one warm-
 down), reported as the growth of peak RSS over the RSS once the inputs exist.
 
 1. Risk terms at (N, T, V) = (16, 256, 32000), fp32, forward + backward, starting from final hidden states and an
-   output projection: sequential_kl and sequential_risk_ratio (cvar_radpo, cvar, erm) on full logits ("full") and
-   through the chunked risk.sequence_terms ("chunked"), against a transcription of the Ra-DPO authors' code
+   output projection, through risk.sequence_terms with each measure against measure=None: the fused chunks
+   (closed-form gradient) and the checkpointed autograd chunks, and a transcription of the Ra-DPO authors' code
    (full tensors, torch.quantile).
 2. A training step of our loop (LoRA r 16, all linear layers) on a randomly initialised ~10M-parameter Llama with a
    32000 vocabulary, 8 pairs x 256 tokens: dpo against ra_dpo2 with each measure.
@@ -73,32 +73,35 @@ def risk_inputs(n, t, v):
     return hidden, ref_hidden, head, ref_head, labels, mask
 
 
-RISK_CONFIGS = ["baseline/quantile_cvar_radpo", *[f"{path}/{m}" for path in ("full", "chunked")
-                                                  for m in ("kl", "cvar_radpo", "cvar", "erm")]]
-LEVELS = {"kl": None, "cvar_radpo": 0.95, "cvar": 0.25, "erm": 2.0}
+MEASURES = ["none", "expectation", "erm", "cvar_radpo", "cvar"]
+RISK_CONFIGS = [f"{path}/{m}" for path in ("fused", "autograd") for m in MEASURES] + ["authors/cvar_radpo"]
+LEVELS = {"none": None, "expectation": None, "cvar_radpo": 0.95, "cvar": 0.25, "erm": 1.0}
+
+
+class AutogradHead(torch.nn.Linear):
+    """The same projection, which sequence_terms does not treat as a plain Linear: its chunks take the checkpointed
+    autograd path (the path before the closed-form gradient, and the one LoRA on the head still takes)."""
 
 
 def risk_step(config, inputs):
     hidden, ref_hidden, head, ref_head, labels, mask = inputs
     h = hidden.detach().requires_grad_(True)
     path, measure = config.split("/")
-    if path == "baseline":
+    if path == "authors":
         with torch.no_grad():
             ref_logits = ref_head(ref_hidden)
         out = authors_transcription(head(h), ref_logits, mask, 0.95)
-    elif path == "full":
-        with torch.no_grad():
-            ref_logits = ref_head(ref_hidden)
-        logits = head(h)
-        out = (risk.sequential_kl(logits, ref_logits, mask) if measure == "kl" else
-               risk.sequential_risk_ratio(logits, ref_logits, mask, measure, LEVELS[measure]))
     else:
-        res = risk.sequence_terms(h, ref_hidden, head, ref_head, labels, mask,
-                                  None if measure == "kl" else measure, LEVELS[measure], chunk_size=256)
-        out = res[1] if measure == "kl" else res[2]
+        if path == "autograd":
+            head.__class__ = ref_head.__class__ = AutogradHead
+        try:
+            res = risk.sequence_terms(h, ref_hidden, head, ref_head, labels, mask,
+                                      None if measure == "none" else measure, LEVELS[measure], chunk_size=256)
+        finally:
+            head.__class__ = ref_head.__class__ = torch.nn.Linear
+        out = res[0] + res[1] + (res[2] if res[2] is not None else 0)
     out.sum().backward()
     head.weight.grad = None
-    return h.grad
 
 
 # ---------------------------------------------------------------------------------------------- 2. training step
@@ -202,6 +205,20 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
+def interleaved(fns, repeats):
+    """Median seconds of each function, the repeats interleaved (A B C A B C ...) after one warm-up of each, so a
+    machine that slows down or speeds up affects every configuration alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def one(kind, config, shape):
     """Run one configuration once in this (fresh) process and report its memory."""
     if kind == "risk":
@@ -242,18 +259,18 @@ def main(argv=None):
     results = {"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}", "risk_shape": risk_shape,
                "step_shape": {"pairs": step_shape[0], "tokens": step_shape[1]}, "risk": {}, "step": {}}
     inputs = risk_inputs(*risk_shape)
+    times = interleaved({c: (lambda c=c: risk_step(c, inputs)) for c in RISK_CONFIGS}, args.repeats)
     for config in RISK_CONFIGS:
-        sec = timed(lambda c=config: risk_step(c, inputs), args.repeats)
-        results["risk"][config] = {"seconds": sec, **memory("risk", config, risk_shape)}
-        print(f"[bench] risk {config}: {sec:.2f} s, peak growth {results['risk'][config]['growth_mb']:.0f} MB",
-              flush=True)
+        results["risk"][config] = {"seconds": times[config], **memory("risk", config, risk_shape)}
+        print(f"[bench] risk {config}: {times[config]:.2f} s, peak growth "
+              f"{results['risk'][config]['growth_mb']:.0f} MB", flush=True)
     setup = step_setup(*step_shape)
-    results["step"]["parameters"] = setup[4]
+    results["step"]["parameters"] = setup[3]
+    times = interleaved({c: (lambda c=c: train_step(c, setup)) for c in STEP_CONFIGS}, args.repeats)
     for config in STEP_CONFIGS:
-        sec = timed(lambda c=config: train_step(c, setup), args.repeats)
-        results["step"][config] = {"seconds": sec, **memory("step", config, step_shape)}
-        print(f"[bench] step {config}: {sec:.2f} s, peak growth {results['step'][config]['growth_mb']:.0f} MB",
-              flush=True)
+        results["step"][config] = {"seconds": times[config], **memory("step", config, step_shape)}
+        print(f"[bench] step {config}: {times[config]:.2f} s, peak growth "
+              f"{results['step'][config]['growth_mb']:.0f} MB", flush=True)
     try:
         import trl
     except ImportError:
@@ -276,18 +293,20 @@ def main(argv=None):
 
 
 def report(results, args):
-    base = results["risk"]["baseline/quantile_cvar_radpo"]
     n, t, v = results["risk_shape"]
     import readme
 
     lines = [f"Command: `python bench.py{' --quick' if args.quick else ''}` ({results['machine']}), at commit "
              f"{readme.commit()}.", "",
-             f"Risk terms, (N, T, V) = ({n}, {t}, {v}), fp32, forward + backward from hidden states "
-             f"(H = {HIDDEN}); time ratio against the authors' quantile transcription; peak RSS growth per "
-             "configuration in its own process:", "",
-             "| configuration | time (s) | time / baseline | peak growth (MB) | memory / baseline |",
+             f"Risk terms through risk.sequence_terms, (N, T, V) = ({n}, {t}, {v}), fp32, forward + backward from "
+             f"hidden states (H = {HIDDEN}), chunks of 256 positions; ratios against measure=None (the DPO log-ratio "
+             "and KL alone) on the same path. fused: the closed-form gradient (the training path); autograd: the "
+             "checkpointed chunks it replaced (still used with LoRA on the head); authors: their full-tensor "
+             "transcription with torch.quantile. Peak RSS growth per configuration in its own process:", "",
+             "| configuration | time (s) | time / none | peak growth (MB) | memory / none |",
              "|---|---|---|---|---|"]
     for config, r in results["risk"].items():
+        base = results["risk"][f"{'autograd' if config.startswith('autograd') else 'fused'}/none"]
         lines.append(f"| {config} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.2f} | "
                      f"{r['growth_mb']:.0f} | {r['growth_mb'] / base['growth_mb']:.2f} |")
     dpo = results["step"]["dpo"]

@@ -57,17 +57,22 @@ def cvar(values, probs=None, level=None, *, log_probs=None):
     p = _probs(probs, log_probs)
     if float(level) == 1.0:
         return expectation(values, p)
-    with torch.no_grad():
-        v_sorted, order = values.sort(dim=-1, descending=True)
-        mass = p.gather(-1, order).cumsum_(-1)
-        target = torch.full((*mass.shape[:-1], 1), float(level), dtype=mass.dtype, device=mass.device)
-        boundary = torch.searchsorted(mass, target).clamp_(max=values.shape[-1] - 1)  # first cumulative >= level
-        var = v_sorted.gather(-1, boundary)
-        del v_sorted, mass
-        w = torch.where(values > var, p, torch.zeros_like(p))
-        remainder = level - w.sum(-1, keepdim=True)  # taken from the atom at the VaR
-    at_var = values.gather(-1, order.gather(-1, boundary))
-    return (expectation(values, w) + (remainder * at_var).squeeze(-1)) / level
+    var, boundary, remainder = _cvar_boundary(values, p, level)
+    w = torch.where(values > var, p, torch.zeros_like(p))
+    return (expectation(values, w) + (remainder * values.gather(-1, boundary)).squeeze(-1)) / level
+
+
+@torch.no_grad()
+def _cvar_boundary(values, p, level):
+    """(VaR t, index of the boundary atom, the mass it contributes, level - P(v > t)), from one sort; each (..., 1)."""
+    v_sorted, order = values.sort(dim=-1, descending=True)
+    mass = p.gather(-1, order).cumsum_(-1)
+    target = torch.full((*mass.shape[:-1], 1), float(level), dtype=mass.dtype, device=mass.device)
+    boundary = torch.searchsorted(mass, target).clamp_(max=values.shape[-1] - 1)  # first cumulative >= level
+    var = v_sorted.gather(-1, boundary)
+    del v_sorted, mass
+    above = torch.where(values > var, p, torch.zeros_like(p)).sum(-1, keepdim=True)
+    return var, order.gather(-1, boundary), level - above
 
 
 def erm(values, probs=None, mu=None, *, log_probs=None):
@@ -115,13 +120,22 @@ def cvar_radpo(values, probs=None, level=None, *, log_probs=None, split_vocab=Fa
     """
     _check_level(level)
     p = _probs(probs, log_probs)
-    if split_vocab:
-        mid = values.shape[-1] // 2
-        return cvar_radpo(values[..., :mid], p[..., :mid], level) + cvar_radpo(values[..., mid:], p[..., mid:], level)
-    with torch.no_grad():
-        threshold = _linear_quantile(values.detach(), 1.0 - float(level)).unsqueeze(-1)
-        tail = values > threshold
-    return expectation(values, p * tail)
+    return expectation(values, p * _radpo_tail(values, _radpo_thresholds(values, level, split_vocab)))
+
+
+@torch.no_grad()
+def _radpo_thresholds(values, level, split_vocab=False):
+    """The authors' thresholds, (..., 1), or (..., 2) for the two halves of the vocabulary with split_vocab."""
+    halves = (values[..., : values.shape[-1] // 2], values[..., values.shape[-1] // 2:]) if split_vocab else (values,)
+    return torch.stack([_linear_quantile(h, 1.0 - float(level)) for h in halves], dim=-1)
+
+
+def _radpo_tail(values, thresholds):
+    """values > threshold, each half of the vocabulary against its own threshold when there are two."""
+    if thresholds.shape[-1] == 1:
+        return values > thresholds
+    mid = values.shape[-1] // 2
+    return torch.cat([values[..., :mid] > thresholds[..., :1], values[..., mid:] > thresholds[..., 1:]], dim=-1)
 
 
 def risk_measure(values, probs=None, measure="expectation", level=None, *, log_probs=None, split_vocab=False):
@@ -233,6 +247,90 @@ def sequential_risk_ratio(policy_logits, reference_logits, mask, measure, level=
     return torch.where(mask, rho, torch.zeros_like(rho)).sum(-1)
 
 
+# The training path's chunks: values and the gradient in closed form (docs/math.md Sec. 4). With respect to
+# D = log p_ref - log p_theta, each measure's gradient is a weight vector w known in closed form: the expectation's
+# is p_ref; CVaR's is p_ref / level above the VaR plus the remainder / level on the boundary atom; the authors' form
+# puts p_ref above its threshold; ERM's is softmax(log p_ref + mu D). Through D, the gradient with respect to the
+# policy logits is -w + (sum w) softmax(logits); the token log-prob's is onehot - softmax(logits); the KL's is
+# softmax(logits) - p_ref. So the forward keeps only per-position scalars (VaR, boundary atom and remainder, or the
+# thresholds) and the backward recomputes the two projections once, with no sort and no autograd graph of size
+# (chunk x vocabulary).
+
+
+@torch.no_grad()
+def _tail_state(d, ref_logp, measure, level, split_vocab):
+    """What the weights of a measure need, found once in the forward pass (the sort or the selection)."""
+    if measure == "cvar" and float(level) < 1.0:
+        return _cvar_boundary(d, ref_logp.exp(), level)
+    if measure == "cvar_radpo":
+        return (_radpo_thresholds(d, level, split_vocab),)
+    return ()
+
+
+@torch.no_grad()
+def _tail_weights(d, ref_logp, measure, level, state):
+    """dPhi/dD at one position, from the forward's state (no sort)."""
+    p = ref_logp.exp()
+    if measure == "erm":
+        return torch.softmax(ref_logp + level * d, dim=-1)
+    if measure == "cvar_radpo":
+        return p * _radpo_tail(d, state[0])
+    if measure == "cvar" and state:
+        var, boundary, remainder = state
+        w = torch.where(d > var, p, torch.zeros_like(p))
+        return w.scatter_add_(-1, boundary, remainder).div_(level)
+    return p  # the expectation (and CVaR at level 1)
+
+
+class _FusedChunk(torch.autograd.Function):
+    """(logratio, kl, risk, token logp) of a chunk of positions from hidden states and bias-free linear heads."""
+
+    @staticmethod
+    def forward(ctx, h_pi, weight, h_ref, ref_weight, labels, measure, level, split_vocab):
+        with torch.no_grad(), torch.autocast(h_pi.device.type, enabled=False):
+            logp = F.log_softmax(h_pi.to(weight.dtype) @ weight.t(), dim=-1).float()
+            ref_logp = F.log_softmax(h_ref.to(ref_weight.dtype) @ ref_weight.t(), dim=-1).float()
+            d = ref_logp - logp
+            kl = expectation(d, log_probs=ref_logp)
+            state = _tail_state(d, ref_logp, measure, level, split_vocab) if measure else ()
+            if measure == "erm":
+                rho = torch.logsumexp(ref_logp + level * d, dim=-1) / level
+            elif measure == "expectation" or measure == "cvar" and float(level) == 1.0:
+                rho = kl
+            elif measure:
+                rho = (_tail_weights(d, ref_logp, measure, level, state) * d).sum(-1)
+            else:
+                rho = torch.zeros_like(kl)
+            token = logp.gather(-1, labels[:, None]).squeeze(-1)
+            out = torch.stack([token - ref_logp.gather(-1, labels[:, None]).squeeze(-1), kl, rho, token])
+        ctx.save_for_backward(h_pi, weight, h_ref, ref_weight, labels, *state)
+        ctx.measure, ctx.level = measure, level
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h_pi, weight, h_ref, ref_weight, labels, *state = ctx.saved_tensors
+        with torch.no_grad(), torch.autocast(h_pi.device.type, enabled=False):
+            logp = F.log_softmax(h_pi.to(weight.dtype) @ weight.t(), dim=-1).float()
+            ref_logp = F.log_softmax(h_ref.to(ref_weight.dtype) @ ref_weight.t(), dim=-1).float()
+            softmax, p_ref = logp.exp(), ref_logp.exp()
+            g_token, g_kl, g_rho = grad[0] + grad[3], grad[1], grad[2]
+            # d/dlogits of: token log-prob (onehot - softmax), KL (softmax - p_ref), risk (-w + sum(w) softmax)
+            dz = softmax * (g_kl - g_token)[:, None] - p_ref * g_kl[:, None]
+            if ctx.measure:
+                w = p_ref if ctx.measure == "expectation" else \
+                    _tail_weights(ref_logp - logp, ref_logp, ctx.measure, ctx.level, state)
+                dz += softmax * (g_rho * w.sum(-1))[:, None] - w * g_rho[:, None]
+            dz.scatter_add_(-1, labels[:, None], g_token[:, None])
+            grad_h = (dz.to(weight.dtype) @ weight).to(h_pi.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (dz.t().to(weight.dtype) @ h_pi.to(weight.dtype)) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _plain_linear(head):
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
 def _project(head, hidden):
     """Logits with autocast off, in the head's own precision (fp32 in training): under bf16 autocast the projection
     would round the logits to bf16 before the log-softmax, a spurious per-token KL of about 1e-4 between identical
@@ -248,9 +346,11 @@ def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head,
 
     policy_hidden / reference_hidden (N, T, H): hidden state at t predicts labels[:, t] (callers shift);
     policy_head / reference_head: the output projections (two, in case LoRA touches lm_head); mask (N, T) bool.
-    Only masked-in positions are projected to the vocabulary, `chunk_size` positions at a time, and each chunk is
-    recomputed in backward (torch.utils.checkpoint), so no (N, T, V) tensor is ever held: peak memory is
-    O(chunk_size x V). `measure=None` skips the risk term (returns risk=None), as plain DPO needs.
+    Only masked-in positions are projected to the vocabulary, `chunk_size` positions at a time, so no (N, T, V)
+    tensor is ever held: peak memory is O(chunk_size x V). With plain bias-free linear heads (the usual lm_head)
+    each chunk's gradient is in closed form (_FusedChunk: only per-position scalars are kept, the projections are
+    recomputed once in backward, no second sort); otherwise (LoRA on the head) the chunk is recomputed in backward
+    under autograd (torch.utils.checkpoint). `measure=None` skips the risk term (returns risk=None), as plain DPO needs.
     `with_logps=True` adds a fourth output, sum_t log pi_theta(y_t | s_t), for logging.
     """
     if measure is not None:
@@ -269,10 +369,14 @@ def sequence_terms(policy_hidden, reference_hidden, policy_head, reference_head,
         logratio = token_logp - ref_logp.gather(-1, y_c[:, None]).squeeze(-1)
         return torch.stack([logratio, kl, rho if rho is not None else torch.zeros_like(kl), token_logp])
 
+    fused = _plain_linear(policy_head) and _plain_linear(reference_head)  # else (LoRA on the head): checkpointing
     parts = []
     for start in range(0, h_pi.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        if torch.is_grad_enabled():
+        if fused:
+            parts.append(_FusedChunk.apply(h_pi[sl], policy_head.weight, h_ref[sl], reference_head.weight.detach(),
+                                           y[sl], measure, level, split_vocab))
+        elif torch.is_grad_enabled():
             parts.append(checkpoint(chunk_terms, h_pi[sl], h_ref[sl], y[sl], use_reentrant=False))
         else:
             parts.append(chunk_terms(h_pi[sl], h_ref[sl], y[sl]))
