@@ -122,6 +122,24 @@ def resolved_path(path, folder):
     return candidate if os.path.exists(candidate) else path
 
 
+def copy_output(src, dst):
+    """Copy a finished stage or mixture folder, its recorded paths rewritten for where the copy lies."""
+    shutil.copytree(src, dst)
+    cfg = read_stage(dst)
+    for key in ("base_model", "parent", "first", "second"):
+        if cfg.get(key):
+            cfg[key] = recorded_path(resolved_path(cfg[key], src), dst)
+    with open(os.path.join(dst, CONFIG_FILE), "w") as f:
+        json.dump(cfg, f, indent=1)
+    adapter_config = os.path.join(dst, ADAPTER_CONFIG)
+    if os.path.exists(adapter_config):
+        with open(adapter_config) as f:
+            config = json.load(f)
+        config["base_model_name_or_path"] = cfg["base_model"]
+        with open(adapter_config, "w") as f:
+            json.dump(config, f, indent=2)
+
+
 def base_of(folder, cfg=None):
     """(base model path as seen from here, gguf file, revision) of a finished stage or mixture."""
     cfg = cfg or read_stage(folder)

@@ -114,6 +114,19 @@ def assert_stock_is_the_trained_policy(folder):
     assert got == pytest.approx(final["logps/chosen"], abs=1e-4)
 
 
+def test_merged_writes_a_full_model_to_serve(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "mix")
+    assert merge_policies.main(["--first", trained["reward"], "--second", trained["safety"], "--q", "0.3", "--out",
+                                out, "--merged", "--dtype", "bfloat16"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "q0.3", "merged"))
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}  # the --dtype asked for
+    want = stage.load_policy(os.path.join(trained["mix"], "q0.3")).state_dict()
+    for k, v in merged.state_dict().items():  # the base and the merged sum each rounded to bf16 (8 bits): 2^-7
+        assert (v.float() - want[k]).abs().max() <= 2 ** -7 * want[k].abs().max(), k
+
+
 def test_merge_errors(trained, full_world, capsys):
     assert merge_policies.main(["--first", trained["reward"], "--second", trained["safety"], "--q", "1.2",
                                 "--out", str(trained["tmp"] / "bad")]) == 2
