@@ -1,11 +1,14 @@
 """The machinery both RSA stages share: what a stage leaves on disk, models, the common flags, one batch of the
 Ra-DPO loss, and the training loop with checkpoints and exact resume.
 
-    Sec. 1  stage outputs on disk   is_stage, read_stage, plain_model, load_policy, config_fingerprint, check_output
+    Sec. 1  outputs on disk         is_stage, read_stage, load_policy, the LoRA adapter as data (read_adapter,
+                                    concat_adapters, write_adapter), write_model_card, config_fingerprint,
+                                    output_lock, check_output
     Sec. 2  models                  load_base_model, load_tokenizer, lora_config, add_lora, backbone_and_head
-    Sec. 3  flags both stages share add_shared_flags, parse_args, LossConfig
+    Sec. 3  flags both stages share add_shared_flags, parse_args (with --config), LossConfig
     Sec. 4  one batch               reference_context, batch_terms, batch_loss, evaluate_pairs
-    Sec. 5  the loop                Runtime, train (start_or_resume, one_update, publish), checkpoints
+    Sec. 5  the loop                Runtime, train (start_or_resume, one_update, publish), checkpoints, memory_plan,
+                                    Reporter (metrics.jsonl, TensorBoard, wandb)
 
 The stage scripts (train_reward_stage.py, train_safety_stage.py) hold only what differs between the stages: their
 own flags, the policy and reference each starts from, and `main`. The math lives in risk.py (docs/math.md).
@@ -566,6 +569,11 @@ def add_shared_flags(p):
     g.add_argument("--prompt_format", default="auto", choices=data.PROMPT_FORMATS,
                    help="auto: the tokenizer's chat template if it has one, else raw text for HH dialogues and the PKU "
                         "template for the rest")
+    return add_training_flags(p)
+
+
+def add_training_flags(p):
+    """The loss, optimisation, compute and output flags (part of add_shared_flags)."""
     g = p.add_argument_group("loss (docs/math.md Sec. 4-5)")
     g.add_argument("--loss", default="ra_dpo2", choices=risk.VARIANTS, help="the preference loss")
     g.add_argument("--risk_measure", default="cvar_radpo", choices=risk.MEASURES,
