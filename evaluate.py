@@ -40,7 +40,6 @@ RESULT_KEYS = ("policy", "q", "num_samples", "mean_reward", "mean_cost", "safe_r
 # ---------------------------------------------------------------------------------------------- generation
 
 
-@torch.no_grad()
 def cut_at_stop(text, stop):
     """The text before the first stop string (SACPO cuts a generation where the model starts a new USER turn)."""
     for s in stop:
@@ -49,6 +48,7 @@ def cut_at_stop(text, stop):
     return text
 
 
+@torch.no_grad()
 def sample_responses(model, tokenizer, prompts, num_samples=1, max_new_tokens=32, do_sample=True, temperature=1.0,
                      top_p=1.0, batch_size=64, prompt_format="auto", seed=0, desc="sampling", stop=()):
     """Responses to each prompt, `num_samples` each (prompt-major order): batched, left-padded generation on the
