@@ -14,8 +14,9 @@ so a second DPO-style stage from pi_r with temperature beta_s lands on the const
 How pi_r is the reference: by default the reward stage's adapter is merged into the SFT weights in full precision
 and a new LoRA adapter is trained on top, so switching that adapter off gives exactly pi_r. Under --load_in_4bit or
 a 16-bit --dtype (or --reference_mode stack) merging into the quantised or 16-bit weights would round pi_r, so stage 1
-stays a frozen adapter named "reference" under the new one. Pairs are the harmlessness preferences (`safer_response_id`) by default, or the
-other preference from the reward stage's (RSA(S->H)). SACPO is both stages with --loss dpo.
+stays a frozen adapter named "reference" under the new one. Pairs are the harmlessness preferences
+(`safer_response_id`) by default, or the other preference from the reward stage's (RSA(S->H)). SACPO is both stages
+with --loss dpo.
 
 The output is one LoRA adapter on the SFT model holding Delta_r + Delta_s (the two updates concatenated in rank), so
 stock peft loads the safety policy on the SFT base; merge_policies.py mixes such adapters without copying the model.
