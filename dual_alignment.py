@@ -81,9 +81,7 @@ def iteration(k, lam, beta_r, args, stage_flags):
     beta = None if lam == 0 else beta_r / lam
     if lam > 0:
         argv = ["--reward_stage", args.reward_stage, "--data", args.data, "--out", policy, "--beta", repr(beta),
-                *stage_flags]
-        if os.path.exists(policy + ".tmp") and not os.path.exists(policy):
-            argv.append("--resume")
+                *stage_flags, *stage.continue_flags(policy)]
         if train_safety_stage.main(argv) != 0:
             raise UsageError(f"the safety stage of iteration {k} failed (its error is above)")
     eval_out = os.path.join(folder, "eval")

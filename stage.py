@@ -984,6 +984,15 @@ def complete_checkpoints(work):
                                                                                                 COMPLETE_FILE))]
 
 
+def continue_flags(out):
+    """For scripts that drive a stage again after a kill: --resume when <out>.tmp has a checkpoint, --overwrite when
+    it was stopped before its first one, nothing when there is no unfinished run."""
+    work = out.rstrip("/") + ".tmp"
+    if os.path.exists(out) or not os.path.exists(work):
+        return []
+    return ["--resume"] if latest_checkpoint(work) else ["--overwrite"]
+
+
 def latest_checkpoint(work):
     """The newest complete checkpoint folder in a work folder, or None."""
     done = complete_checkpoints(work)

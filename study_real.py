@@ -204,8 +204,7 @@ def run(args):
         code = train_safety_stage.main([
             "--reward_stage", model, "--data", train_file, "--eval_data", held_file, "--eval_pairs", str(args.heldout),
             "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
-            "--log_every", "5", *(["--resume"] if os.path.exists(folder + ".tmp") else []), "--out", folder, *common,
-            *METHODS[name]])
+            "--log_every", "5", *stage.continue_flags(folder), "--out", folder, *common, *METHODS[name]])
         if code != 0:
             raise UsageError(f"the {name} run failed (its error is above)")
         curves[name] = eval_curves(folder)
