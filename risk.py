@@ -51,7 +51,7 @@ def cvar(values, probs=None, level=None, *, log_probs=None):
     Walk the atoms from the worst down, taking mass until `level` is used up: the atom where it runs out is the VaR
     t, every atom above t counts in full and t gets the remainder, CVaR = (sum_{v > t} p v + (level - P(v > t)) t)
     / level. level = 1 is exactly the expectation. Check: v = [1, 2, 5, 10], p uniform, level 0.5 -> 7.5.
-    The weights come from one sort without gradient; the gradient w.r.t. v is the weight of each atom.
+    The weights come from locating the VaR (no gradient); the gradient w.r.t. v is the weight of each atom.
     """
     _check_level(level)
     p = _probs(probs, log_probs)
@@ -63,16 +63,27 @@ def cvar(values, probs=None, level=None, *, log_probs=None):
 
 
 @torch.no_grad()
-def _cvar_boundary(values, p, level):
-    """(VaR t, index of the boundary atom, the mass it contributes, level - P(v > t)), from one sort; each (..., 1)."""
-    v_sorted, order = values.sort(dim=-1, descending=True)
-    mass = p.gather(-1, order).cumsum_(-1)
-    target = torch.full((*mass.shape[:-1], 1), float(level), dtype=mass.dtype, device=mass.device)
-    boundary = torch.searchsorted(mass, target).clamp_(max=values.shape[-1] - 1)  # first cumulative >= level
-    var = v_sorted.gather(-1, boundary)
-    del v_sorted, mass
+def _cvar_boundary(values, p, level, steps=12):
+    """(VaR t, index of the boundary atom, the mass it contributes, level - P(v > t)), each (..., 1), without a full
+    sort: bisection on the value keeps P(v > hi) < level <= P(v > lo), so the boundary atom lies in (lo, hi]; after
+    `steps` halvings only a few entries remain there, and a topk of those, walked from the top with P(v > hi) as the
+    starting mass, finds it (the walk of the definition, restricted to where it ends)."""
+    lo = values.amin(-1, keepdim=True) - 1
+    hi = values.amax(-1, keepdim=True)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        heavy = torch.where(values > mid, p, torch.zeros_like(p)).sum(-1, keepdim=True) >= level
+        lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
+    inside = (values > lo) & (values <= hi)
+    k = max(1, int(inside.sum(-1).max()))
+    top, index = torch.where(inside, values, torch.full_like(values, float("-inf"))).topk(k, dim=-1)
+    start = torch.where(values > hi, p, torch.zeros_like(p)).sum(-1, keepdim=True)
+    mass = start + p.gather(-1, index).cumsum_(-1)
+    target = torch.full_like(start, float(level))
+    boundary = torch.searchsorted(mass, target).clamp_(max=k - 1)  # first cumulative >= level
+    var = top.gather(-1, boundary)
     above = torch.where(values > var, p, torch.zeros_like(p)).sum(-1, keepdim=True)
-    return var, order.gather(-1, boundary), level - above
+    return var, index.gather(-1, boundary), level - above
 
 
 def erm(values, probs=None, mu=None, *, log_probs=None):
