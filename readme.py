@@ -48,7 +48,8 @@ def commit():
     project writes: the demo's, bench.py's, the studies')."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.splitlines()
-    dirty = [s for s in status if not s.endswith(("README.md", "readme.py")) and not s[3:].startswith(("runs/", "docs/"))]
+    dirty = [s for s in status
+             if not s.endswith(("README.md", "readme.py")) and not s[3:].startswith(("runs/", "docs/"))]
     return (head or "unknown") + (" + uncommitted changes" if dirty else "")
 
 
