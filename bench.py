@@ -1,6 +1,6 @@
 """Speed and memory of the token-level risk terms and of a training step (not run in CI).
 
-    python bench.py                 # about 15 minutes on 2 CPU cores; writes docs/bench/bench.json and bench.md
+    python bench.py                 # about 10 minutes on 2 idle CPU cores; writes docs/bench/bench.json and bench.md
     python bench.py --quick         # smaller shapes, for a quick look
 
 Every time is a ratio against a baseline measured in the same process (one warm-up, then the median of

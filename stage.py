@@ -1154,7 +1154,7 @@ def memory_plan(model, args, device):
     c = model.config
     hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
     tokens = 2 * args.batch_size * args.max_length
-    element = 2 if args.load_in_4bit or args.dtype != "float32" and device.type == "cuda" else 4
+    element = 2 if args.load_in_4bit or resolve_dtype(args.dtype, device) != torch.float32 else 4
     activations = tokens * hidden * layers * element * (2 if args.gradient_checkpointing else 16)
     chunks = min(args.chunk_size, tokens) * vocab * 4 * 8  # fp32 logits of both models and their by-products
     need = weights + trainable + activations + chunks

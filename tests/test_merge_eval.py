@@ -127,6 +127,33 @@ def test_merged_writes_a_full_model_to_serve(trained, tmp_path):
         assert (v.float() - want[k]).abs().max() <= 2 ** -7 * want[k].abs().max(), k
 
 
+def test_other_mixtures_are_exact_too(trained, tiny_world, tmp_path):
+    """Beyond RSA(P): the SFT model (a plain folder) mixed with a stage on it is one adapter, (1 - q) * Delta_r; two
+    full models on no common adapter base (P-SACPO's naive merge) are interpolated weight by weight."""
+    sft = os.path.join(tiny_world, "sft")
+    theta_sft = stage.load_base_model(sft).state_dict()
+    theta_r = stage.load_policy(trained["reward"]).state_dict()
+    out = str(tmp_path / "sft_mix")
+    assert merge_policies.main(["--first", sft, "--second", trained["reward"], "--q", "0.4", "--out", out]) == 0
+    assert stage.read_stage(os.path.join(out, "q0.4"))["mode"] == "adapters"
+    mixed = stage.load_policy(os.path.join(out, "q0.4")).state_dict()
+    for k, v in mixed.items():
+        assert torch.allclose(v, 0.4 * theta_sft[k] + 0.6 * theta_r[k], atol=1e-6), k
+    full_r, full_rs = str(tmp_path / "full_r"), str(tmp_path / "full_rs")  # plain model folders, as served
+    stage.load_policy(trained["reward"]).save_pretrained(full_r)
+    pi_rs = stage.load_policy(trained["safety"])
+    pi_rs.save_pretrained(full_rs)
+    stage.load_tokenizer(trained["reward"]).save_pretrained(full_r)
+    out = str(tmp_path / "full_mix")
+    assert merge_policies.main(["--first", full_r, "--second", full_rs, "--q", "0.3", "--out", out]) == 0
+    note = json.load(open(os.path.join(out, "q0.3", merge_policies.MIXTURE_FILE)))
+    assert note["mode"] == "full" and note["q"] == 0.3
+    mixed = load_file(os.path.join(out, "q0.3", "model.safetensors"))
+    theta_rs = pi_rs.state_dict()
+    for k, v in mixed.items():
+        assert torch.allclose(v, 0.3 * theta_r[k] + 0.7 * theta_rs[k], atol=1e-6), k
+
+
 def test_merge_errors(trained, full_world, capsys):
     assert merge_policies.main(["--first", trained["reward"], "--second", trained["safety"], "--q", "1.2",
                                 "--out", str(trained["tmp"] / "bad")]) == 2
