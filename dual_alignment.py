@@ -52,7 +52,7 @@ def build_parser():
     p.add_argument("--dual_lr", type=float, default=1.0, help="step size of the dual update")
     p.add_argument("--num_samples", type=int, default=8, help="samples per evaluation prompt")
     p.add_argument("--max_new_tokens", type=int, default=128, help="generation length of the evaluation")
-    p.add_argument("--seed", type=int, default=0, help="evaluation sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stages' training and the evaluation's sampling")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     return p
 
@@ -81,7 +81,7 @@ def iteration(k, lam, beta_r, args, stage_flags):
     beta = None if lam == 0 else beta_r / lam
     if lam > 0:
         argv = ["--reward_stage", args.reward_stage, "--data", args.data, "--out", policy, "--beta", repr(beta),
-                *stage_flags, *stage.continue_flags(policy)]
+                "--seed", str(args.seed), *stage_flags, *stage.continue_flags(policy)]
         if train_safety_stage.main(argv) != 0:
             raise UsageError(f"the safety stage of iteration {k} failed (its error is above)")
     eval_out = os.path.join(folder, "eval")
@@ -91,7 +91,7 @@ def iteration(k, lam, beta_r, args, stage_flags):
                  for f in (f"--{flag}", getattr(args, flag))]
         if evaluate.main(["--policies", policy, "--prompts", args.prompts, "--scorer", args.scorer, *extra,
                           "--num_samples", str(args.num_samples), "--max_new_tokens", str(args.max_new_tokens),
-                          "--seed", str(args.seed), "--out", eval_out]) != 0:
+                          "--seed", str(args.seed), "--no_plots", "--out", eval_out]) != 0:
             raise UsageError(f"the evaluation of iteration {k} failed (its error is above)")
     with open(results_file) as f:
         res = json.load(f)[0]
@@ -111,7 +111,7 @@ def run(args, stage_flags):
     trace_file = os.path.join(args.out, "trace.json")
     setup = {"reward_stage": os.path.abspath(args.reward_stage), "constraint": args.constraint,
              "budget": args.budget, "lambda_init": args.lambda_init, "dual_lr": args.dual_lr,
-             "stage_flags": stage_flags, "warm_start": False}
+             "seed": args.seed, "stage_flags": stage_flags, "warm_start": False}
     trace = {"setup": setup, "iterations": []}
     if os.path.exists(trace_file):
         with open(trace_file) as f:

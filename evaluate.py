@@ -429,6 +429,7 @@ def build_parser():
     p.add_argument("--dtype", default="auto", choices=("auto", *stage.DTYPES),
                    help="policies and score models: auto is bf16 on CUDA devices that have it, fp32 on the CPU")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no_plots", action="store_true", help="skip the plots (scripts that evaluate many times)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     return p
@@ -515,14 +516,14 @@ def run(args):
                                     "response_b": c["response"], "policy_a": a["policy"],
                                     "policy_b": c["policy"]}) + "\n")
     table = write_tables(ordered, args.out)
-    if scorer:
+    plots = bool(scorer) and not args.no_plots
+    if plots:
         plot(ordered, args.out)
     summary = summary_table(ordered, baseline)
-    write_report(summary, table, args.out, bool(scorer))
+    write_report(summary, table, args.out, plots)
     print(summary)
-    plots = ", frontier.png, reward_vs_cost.png, category_cost.png" if scorer else ""
     print(f"[eval] wrote {args.out}/results.json, results.csv, report.md, generations.jsonl, "
-          f"pairs_vs_{baseline}.jsonl{plots}")
+          f"pairs_vs_{baseline}.jsonl" + (", frontier.png, reward_vs_cost.png, category_cost.png" if plots else ""))
 
 
 def main(argv=None):
