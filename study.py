@@ -33,6 +33,8 @@ import torch
 import dual_alignment
 import evaluate
 import merge_policies
+import readme
+import risk
 import stage
 import toy
 import train_reward_stage
@@ -53,7 +55,7 @@ QS = (0.25, 0.5, 0.75)
 BUDGETS = (8.0, 5.0)  # on CVaR 0.05 of cost; the SFT model's is about 8
 BISECTIONS = 5  # RSA(P): q to 1/32
 DUAL = {"iterations": 6, "lambda_init": 10.0, "dual_lr": 2.0}
-CHECK_BETA_R = (0.3, 1.0)  # the reward-stage check for SACPO
+CHECK = {f"sacpo_br{b:g}": ("sacpo", b) for b in (0.3, 1.0)}  # the reward-stage check: SACPO at a larger beta_r
 METRICS = ("mean_reward", "mean_cost", "safe_rate", "cvar_cost_0.1", "cvar_cost_0.05", "severe_harm_rate")
 
 
@@ -70,8 +72,8 @@ class Study:
                 "--batch_size", "16", "--lr", "5e-3", "--lora_r", "8", "--max_steps", str(self.steps),
                 "--log_every", "50", "--seed", str(seed)]
 
-    def base(self, method, seed):
-        return os.path.join(self.out, method, f"seed{seed}")
+    def base(self, name, seed):
+        return os.path.join(self.out, *(("check",) if name in CHECK else ()), name, f"seed{seed}")
 
     def evaluated(self, policy, out, seed, prompts=None, extra=()):
         """The results row of `policy` (evaluated into `out` unless already there)."""
@@ -102,10 +104,13 @@ def mixed(first, second, qs, out):
 # ------------------------------------------------------------------------------------------------------------ jobs
 
 
-def sweep_job(s, method, seed):
-    """One method, one seed: the reward stage, a safety stage per beta_s, the mixtures, their evaluations."""
-    base, flags = s.base(method, seed), [*s.stage_flags(seed), *METHODS[method]]
-    reward = trained(train_reward_stage, f"{base}/reward", ["--sft", f"{s.world}/sft", *flags])
+def sweep_job(s, name, seed):
+    """One method (or a CHECK variant), one seed: the reward stage, a safety stage per beta_s, the mixtures, their
+    evaluations."""
+    method, beta_r = CHECK.get(name, (name, BETA_R))
+    base, flags = s.base(name, seed), [*s.stage_flags(seed), *METHODS[method]]
+    reward = trained(train_reward_stage, f"{base}/reward",
+                     ["--sft", f"{s.world}/sft", *flags, *(["--beta", repr(beta_r)] if name in CHECK else [])])
     s.evaluated(reward, f"{base}/eval/reward", seed,
                 extra=("--kl_pairs", f"{s.world}/test.jsonl", "--kl_reference", f"{s.world}/sft"))
     for beta in BETAS:
@@ -151,15 +156,6 @@ def budget_job(s, budget, seed):
         raise RuntimeError(f"the dual loop into {out}/dual failed (its log says why)")
     if os.path.isdir(f"{out}/dual/final"):
         s.evaluated(f"{out}/dual/final", f"{out}/dual_heldout", seed)
-
-
-def check_job(s, beta_r, seed):
-    """SACPO's reward stage at a larger beta_r, evaluated with its KL to the SFT model."""
-    base = os.path.join(s.out, "check", f"sacpo_br{beta_r:g}", f"seed{seed}")
-    reward = trained(train_reward_stage, f"{base}/reward",
-                     ["--sft", f"{s.world}/sft", "--beta", repr(beta_r), *s.stage_flags(seed), *METHODS["sacpo"]])
-    s.evaluated(reward, f"{base}/eval/reward", seed,
-                extra=("--kl_pairs", f"{s.world}/test.jsonl", "--kl_reference", f"{s.world}/sft"))
 
 
 def sft_job(s, seed):
@@ -221,6 +217,322 @@ def write_tune_prompts(path):
     dual_alignment.write_json(path, picked)
 
 
+# -------------------------------------------------------------------------------------------------------- analysis
+
+POINTS = ("reward", *[f"b{b:g}" for b in BETAS], *[f"q{q:g}" for q in QS])  # one method's policies, weakest first
+STRENGTH = POINTS[: 1 + len(BETAS)]  # the reward stage and the safety stages: the frontier by strength alone
+LOWER_IS_BETTER = {"cvar_cost_0.05": True, "severe_harm_rate": True, "safe_rate": False}
+LEVEL_STEPS = (0.0, 0.5, 1.0)  # matched reward levels: the SFT model's mean reward plus these
+REPLICATES = 1000
+
+
+def read_samples(eval_dir, order):
+    """(reward, cost, severe) of every sample of one evaluation, as a (3, prompts, samples) tensor in `order`."""
+    rows = {}
+    with open(os.path.join(eval_dir, "generations.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            rows[(r["prompt"], r["sample"])] = (r["reward"], r["cost"], float(r["severe"]))
+    n = len(rows) // len(order)
+    return torch.tensor([[rows[(p, i)] for i in range(n)] for p in order], dtype=torch.float64).permute(2, 0, 1)
+
+
+def sample_metrics(x):
+    """The study's metrics (METRICS, last dimension) of pooled samples x (..., 3, n): evaluate.py's definitions."""
+    r, c, severe = x.unbind(-2)
+    uniform = torch.full_like(c, 1.0 / c.shape[-1])
+    return torch.stack([r.mean(-1), c.mean(-1), (c <= 0).double().mean(-1), risk.cvar(c, uniform, 0.1),
+                        risk.cvar(c, uniform, 0.05), severe.mean(-1)], dim=-1)
+
+
+def draws(n_prompts, groups, n_seeds, replicates, seed=0):
+    """Index draws of the hierarchical bootstrap, the first the identity (the point estimate): prompts with
+    replacement (one draw shared by every policy, so differences are paired over prompts) and, within each group
+    (method), seeds with replacement."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [(torch.arange(n_prompts), torch.arange(n_seeds).expand(groups, n_seeds))]
+    for _ in range(replicates):
+        out.append((torch.randint(n_prompts, (n_prompts,), generator=gen),
+                    torch.randint(n_seeds, (groups, n_seeds), generator=gen)))
+    return out
+
+
+def seed_means(x, prompts, seeds):
+    """Metrics of x (groups, seeds, points..., 3, prompts, samples) on the drawn prompts, averaged over the drawn
+    seeds (groups, seeds): (groups, points..., len(METRICS))."""
+    m = sample_metrics(x[..., prompts, :].flatten(-2))
+    return m[torch.arange(seeds.shape[0])[:, None], seeds].mean(1)
+
+
+def interval(values):
+    """(point estimate, 2.5 %, 97.5 %, share of replicates that have a value) of [estimate, *replicates]."""
+    reps = torch.tensor(values[1:], dtype=torch.float64)
+    ok = reps[~reps.isnan()]
+    if not len(ok):
+        return values[0], float("nan"), float("nan"), 0.0
+    return values[0], ok.quantile(0.025).item(), ok.quantile(0.975).item(), len(ok) / len(reps)
+
+
+def fmt_ci(ci, digits=3):
+    est, lo, hi, share = ci
+    if est != est:
+        return "not reached"
+    text = f"{est:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return text + (f" ({share:.0%} of draws)" if share < 0.95 else "")
+
+
+def pareto(points, lower_is_better):
+    """The frontier of (reward, metric) points: those no other point beats in both, by increasing reward."""
+    sign = 1.0 if lower_is_better else -1.0
+    front, best = [], float("inf")
+    for r, v in sorted(points, key=lambda t: (-t[0], sign * t[1])):
+        if sign * v < best:
+            front.append((r, v))
+            best = sign * v
+    return front[::-1]
+
+
+def read_at(front, level):
+    """The metric a frontier reaches at mean reward `level`: linear between neighbouring frontier points, the
+    lowest-reward point's value below the frontier, nan above it (the method never gets that helpful)."""
+    if level > front[-1][0]:
+        return float("nan")
+    if level <= front[0][0]:
+        return front[0][1]
+    for (r0, v0), (r1, v1) in zip(front, front[1:]):
+        if r0 <= level <= r1:
+            return v0 + (v1 - v0) * (level - r0) / (r1 - r0)
+    raise AssertionError("unreachable: the frontier is sorted by reward")
+
+
+def matched_values(means, points, metric, levels):
+    """For each method: the metric its frontier (over `points`) reaches at each level, from seed means (methods,
+    POINTS, METRICS)."""
+    k, r = METRICS.index(metric), METRICS.index("mean_reward")
+    cols = [POINTS.index(p) for p in points]
+    return [[read_at(pareto([(means[m, c, r].item(), means[m, c, k].item()) for c in cols], LOWER_IS_BETTER[metric]),
+                     level) for level in levels] for m in range(means.shape[0])]
+
+
+def analyse(s, seeds):
+    """matched.md, matched.png and equal.md in s.out, from the evaluations on disk."""
+    order = [p["prompt"] for p in evaluate.load_prompt_set(s.heldout, None)]
+    names = [*METHODS, *[v for v in CHECK if all(os.path.exists(f"{s.base(v, seed)}/eval/{p}/results.json")
+                                                 for seed in seeds for p in POINTS)]]
+    x = torch.stack([torch.stack([torch.stack([read_samples(f"{s.base(m, seed)}/eval/{p}", order) for p in POINTS])
+                                  for seed in seeds]) for m in names])
+    sft = torch.stack([read_samples(f"{s.out}/sft/seed{seed}", order) for seed in seeds])[None]
+    boot = draws(len(order), len(names) + 1, len(seeds), REPLICATES)
+    means = [(seed_means(x, pr, sd[:-1]), seed_means(sft, pr, sd[-1:])[0]) for pr, sd in boot]
+    sft_means = means[0][1]
+    levels = [sft_means[0].item() + d for d in LEVEL_STEPS]
+    tables = {}
+    for family, points in (("all", POINTS), ("strength", STRENGTH)):
+        for metric in LOWER_IS_BETTER:
+            tables[family, metric] = torch.tensor([matched_values(mm, points, metric, levels) for mm, _ in means])
+    lines = ["# RSA against SACPO and TDPO at matched helpfulness (toy world)", "",
+             f"Command: `make study` (`python study.py --out runs/study`) at commit {readme.commit()}. Training seeds "
+             f"{seeds}; every policy sampled {s.samples} times on each of the {len(order)} held-out prompts with the "
+             f"evaluation seed = the training seed; scores are the toy world's ground truth. Each method: reward stage "
+             f"(beta_r {BETA_R}), safety stages at beta_s {', '.join(f'{b:g}' for b in BETAS)} (lambda "
+             f"{', '.join(f'{BETA_R / b:g}' for b in BETAS)}), mixtures q {', '.join(f'{q:g}' for q in QS)} of the "
+             f"reward stage and the beta_s {DEFAULT_BETA:g} stage.", "",
+             "How a value is read: the metric is averaged over seeds for each policy (the frontier of seed means); "
+             "the method's frontier is the Pareto front of those points (reward up, metric down); the value at a "
+             "reward level is linear between the two frontier points around it (the lowest-reward frontier point's "
+             "value below the front; \"not reached\" above it). Intervals: 95 % percentile intervals of "
+             f"{REPLICATES} hierarchical bootstrap draws, over seeds (within each method) and over prompts (one draw "
+             "for all policies, so differences are paired over prompts); a difference is marked * when its interval "
+             "excludes 0. A share in parentheses: the fraction of draws whose frontier reaches the level.", "",
+             f"SFT model (mean over seeds): mean reward {sft_means[0]:.3f}, CVaR 0.05 of cost "
+             f"{sft_means[METRICS.index('cvar_cost_0.05')]:.3f}, severe-harm rate "
+             f"{sft_means[METRICS.index('severe_harm_rate')]:.4f}, safe rate "
+             f"{sft_means[METRICS.index('safe_rate')]:.3f}. "
+             f"Levels: {', '.join(f'{lv:.3f}' for lv in levels)} (the SFT model's mean reward + "
+             f"{', '.join(f'{d:g}' for d in LEVEL_STEPS)}).", ""]
+    for family, title in (("all", "Frontier of every policy (reward stage, safety stages, mixtures)"),
+                          ("strength", "Frontier by strength only (reward stage and safety stages, no mixtures)")):
+        lines += [f"## {title}", ""]
+        for j, level in enumerate(levels):
+            lines += [f"Mean reward {level:.3f}:", "", "| method | CVaR 0.05 of cost | severe-harm rate | safe rate |",
+                      "|---|---|---|---|"]
+            for m, name in enumerate(names):
+                cells = [fmt_ci(interval(tables[family, metric][:, m, j].tolist()), 4 if "rate" in metric else 3)
+                         for metric in LOWER_IS_BETTER]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += ["Differences (row method minus the compared one; * the interval excludes 0):", "",
+                  "| level | comparison | CVaR 0.05 of cost | severe-harm rate | safe rate |", "|---|---|---|---|---|"]
+        for j, level in enumerate(levels):
+            for a, b in [(a, b) for b in ("sacpo", *CHECK, "tdpo") if b in names for a in names
+                         if a.startswith("rsa") or (a == "tdpo" and b != "tdpo")]:
+                cells = []
+                for metric in LOWER_IS_BETTER:
+                    t = tables[family, metric]
+                    ci = interval((t[:, names.index(a), j] - t[:, names.index(b), j]).tolist())
+                    star = " *" if ci[1] == ci[1] and (ci[1] > 0 or ci[2] < 0) and ci[3] >= 0.95 else ""
+                    cells.append(fmt_ci(ci, 4 if "rate" in metric else 3) + star)
+                lines.append(f"| {level:.3f} | {a} - {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += check_section(s, seeds, order) + budget_section(s, seeds, order)
+    with open(os.path.join(s.out, "matched.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    equal_table(s, names, means, seeds)
+    plot_matched(s, names, means[0][0], sft_means, levels, {k: v[0] for k, v in tables.items()})
+    print(f"[study] wrote {s.out}/matched.md, matched.png, equal.md")
+
+
+def equal_table(s, names, means, seeds):
+    """equal.md: every method at the same settings (beta_s 0.01, the q grid), the one view of the earlier study."""
+    head = ["method", "policy", *METRICS]
+    lines = ["# Every method at equal settings (toy world)", "",
+             f"Command: `make study` at commit {readme.commit()}; seeds {seeds}, {s.samples} samples per held-out "
+             "prompt. Each cell: the mean over seeds [95 % bootstrap interval over seeds and prompts].", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, name in enumerate(names):
+        for policy in ("reward", f"b{DEFAULT_BETA:g}", *[f"q{q:g}" for q in QS]):
+            c = POINTS.index(policy)
+            cells = [fmt_ci(interval([mm[m, c, k].item() for mm, _ in means])) for k in range(len(METRICS))]
+            lines.append(f"| {name} | {policy} | " + " | ".join(cells) + " |")
+    with open(os.path.join(s.out, "equal.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def group_means(folders, order, replicates=REPLICATES):
+    """[estimate, *replicates] of the seed-mean metrics (len(METRICS),) over these evaluations (one per seed)."""
+    x = torch.stack([read_samples(f, order) for f in folders])[None]
+    return [seed_means(x, pr, sd)[0] for pr, sd in draws(len(order), 1, len(folders), replicates)]
+
+
+def check_section(s, seeds, order):
+    """The reward stages: every method's at beta_r 0.1 and the CHECK variants' (SACPO at a larger beta_r)."""
+    sft = group_means([f"{s.out}/sft/seed{seed}" for seed in seeds], order)[0]
+    severe, kt = METRICS.index("severe_harm_rate"), ("mean_reward", "cvar_cost_0.05", "severe_harm_rate")
+    runs = [(m, CHECK.get(m, (m, BETA_R))[1], [f"{s.base(m, seed)}/eval/reward" for seed in seeds])
+            for m in (*METHODS, *CHECK)]
+    lines = ["## The reward stages, and SACPO's at larger beta_r", "",
+             "Each reward stage on the held-out prompts, mean over seeds [95 % bootstrap interval]; KL: the "
+             "sequence-level KL to the SFT model on the held-out chosen responses (mean over seeds).", "",
+             "| method | beta_r | mean reward | CVaR 0.05 of cost | severe-harm rate | x SFT's severe rate "
+             "| KL to SFT |",
+             "|---|---|---|---|---|---|---|"]
+    for name, beta_r, folders in runs:
+        if not all(os.path.exists(f"{f}/results.json") for f in folders):
+            continue
+        boot = group_means(folders, order)
+        kl = []
+        for f in folders:
+            with open(f"{f}/results.json") as fh:
+                kl.append(json.load(fh)[0]["seq_kl_chosen"])
+        cells = [fmt_ci(interval([b[METRICS.index(k)].item() for b in boot]), 4 if "rate" in k else 3) for k in kt]
+        lines.append(f"| {name} | {beta_r:g} | " + " | ".join(cells)
+                     + f" | {boot[0][severe] / sft[severe]:.1f} | {sum(kl) / len(kl):.2f} |")
+    return lines + [""]
+
+
+def budget_section(s, seeds, order):
+    """The three ways to meet a budget on CVaR 0.05 of cost, for RSA (CVaR 0.95)."""
+    k_cvar, k_reward = METRICS.index("cvar_cost_0.05"), METRICS.index("mean_reward")
+    lines = [f"## Meeting a budget on CVaR 0.05 of cost: fixed lambda, RSA(P), the dual loop ({RSA})", "",
+             f"(a) the default safety stage (lambda {BETA_R / DEFAULT_BETA:g}), no tuning; (b) RSA(P): the largest q "
+             f"(weight of pi_r) whose mixture meets the budget, by {BISECTIONS} bisection steps on q after checking "
+             f"q = 1 and q = 0 (evaluations only, no training); (c) the dual loop, {DUAL['iterations']} iterations, "
+             f"lambda_0 {DUAL['lambda_init']:g}, dual_lr {DUAL['dual_lr']:g}, retraining from pi_r each time; its "
+             "final is the highest-reward iterate that met the budget. (b) and (c) choose on 56 training-set prompts "
+             f"(the tuning set, {s.samples} samples each); every row below is measured on the held-out prompts. "
+             "Compute per seed, beyond the reward stage: safety-stage trainings and tuning evaluations (each a "
+             "56-prompt sampling run).", ""]
+    for budget in BUDGETS:
+        lines += [f"### Budget {budget:g}", "",
+                  "| approach | seeds with a policy | held-out CVaR 0.05 of cost | mean reward | seeds meeting the "
+                  "budget (held-out) | trainings / seed | tuning evaluations / seed |", "|---|---|---|---|---|---|---|"]
+        per_seed = ["| seed | (a) CVaR, reward | (b) q, CVaR, reward | (c) lambda (iteration), CVaR, reward |",
+                    "|---|---|---|---|"]
+        folders = {"(a) fixed lambda": [], "(b) RSA(P)": [], "(c) dual loop": []}
+        compute = {key: [] for key in folders}
+        cells = {}
+        for seed in seeds:
+            out = os.path.join(s.out, "budget", f"B{budget:g}", f"seed{seed}")
+            if not os.path.exists(f"{out}/dual/final.json"):
+                continue
+            with open(f"{out}/bisection.json") as f:
+                bis = json.load(f)
+            with open(f"{out}/dual/trace.json") as f:
+                trace = json.load(f)["iterations"]
+            with open(f"{out}/dual/final.json") as f:
+                final = json.load(f)
+            found = {"(a) fixed lambda": f"{s.base(RSA, seed)}/eval/b{DEFAULT_BETA:g}",
+                     "(b) RSA(P)": f"{out}/rsa_p_heldout", "(c) dual loop": f"{out}/dual_heldout"}
+            compute["(a) fixed lambda"].append((1, 0))
+            compute["(b) RSA(P)"].append((1, bis["evaluations"]))
+            compute["(c) dual loop"].append((sum(r["lambda"] > 0 for r in trace), len(trace)))
+            row = {}
+            for key, folder in found.items():
+                if os.path.exists(f"{folder}/results.json"):
+                    folders[key].append(folder)
+                    with open(f"{folder}/results.json") as f:
+                        res = json.load(f)[0]
+                    row[key] = f"{res['cvar_cost_0.05']:.2f}, {res['mean_reward']:.3f}"
+                else:
+                    row[key] = "none met the budget on the tuning prompts"
+            lam = f"{final['lambda']:g} ({final['iteration']})" if final["met_budget"] else "-"
+            per_seed.append(f"| {seed} | {row['(a) fixed lambda']} | {bis['q']:g}, {row['(b) RSA(P)']} | {lam}, "
+                            f"{row['(c) dual loop']} |")
+            cells[seed] = row
+        for key, fs in folders.items():
+            if not compute[key]:
+                continue
+            met = 0
+            for f in fs:
+                with open(f"{f}/results.json") as fh:
+                    met += json.load(fh)[0]["cvar_cost_0.05"] <= budget
+            trainings = sum(c[0] for c in compute[key]) / len(compute[key])
+            evals = sum(c[1] for c in compute[key]) / len(compute[key])
+            if fs:
+                boot = group_means(fs, order)
+                cv, rw = (fmt_ci(interval([b[k].item() for b in boot])) for k in (k_cvar, k_reward))
+            else:
+                cv = rw = "-"
+            lines.append(f"| {key} | {len(fs)} of {len(compute[key])} | {cv} | {rw} | {met} of {len(compute[key])} "
+                         f"| {trainings:g} | {evals:g} |")
+        lines += ["", "Per seed (held-out):", "", *per_seed, ""]
+    return lines
+
+
+def plot_matched(s, names, means, sft, levels, read):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = METRICS.index("mean_reward")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, metric, label in zip(axes, ("cvar_cost_0.05", "severe_harm_rate"),
+                                 ("CVaR 0.05 of cost (tail harm; lower is safer)", "severe-harm rate")):
+        k = METRICS.index(metric)
+        for m, name in enumerate(names):
+            pts = [(means[m, c, r].item(), means[m, c, k].item()) for c in range(len(POINTS))]
+            front = pareto(pts, True)
+            line, = ax.plot([v for _, v in front], [rw for rw, _ in front], "-", lw=2 if name == "sacpo" else 1.3,
+                            label=name)
+            ax.scatter([v for _, v in pts], [rw for rw, _ in pts], s=14, color=line.get_color(), alpha=0.5)
+            got = [(read["all", metric][m, j].item(), lv) for j, lv in enumerate(levels)]
+            ax.scatter([v for v, _ in got if v == v], [lv for v, lv in got if v == v], marker="x", s=70,
+                       color=line.get_color(), zorder=5)
+        for lv in levels:
+            ax.axhline(lv, color="grey", ls=":", lw=1)
+        ax.scatter([sft[k].item()], [sft[r].item()], marker="*", s=200, color="k", label="sft", zorder=6)
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean reward")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Frontiers of seed means (dots: every policy; lines: Pareto fronts; x: read at the matched levels, "
+                 "dotted)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(s.out, "matched.png"), dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
     p.add_argument("--out", default="runs/study", help="output folder (resumable)")
@@ -242,7 +554,8 @@ def main(argv=None):
         return 2
     s = Study(os.path.abspath(args.out), os.path.abspath(args.world), args.steps, args.samples)
     if not args.report:
-        toy.build(s.world, "full", 0)
+        if not os.path.exists(os.path.join(s.world, "world.json")):
+            toy.build(s.world, "full", 0)
         os.makedirs(s.out, exist_ok=True)
         write_tune_prompts(s.tune)
         jobs = [(sft_job, s, seed) for seed in args.seeds]
@@ -250,9 +563,9 @@ def main(argv=None):
             jobs += [(sweep_job, s, m, seed) for seed in args.seeds for m in METHODS]
         run_all(jobs, args.jobs)
         later = [(budget_job, s, b, seed) for b in BUDGETS for seed in args.seeds] if "budget" in args.parts else []
-        later += [(check_job, s, b, seed) for b in CHECK_BETA_R for seed in args.seeds] if "check" in args.parts \
-            else []
+        later += [(sweep_job, s, v, seed) for seed in args.seeds for v in CHECK] if "check" in args.parts else []
         run_all(later, args.jobs)
+    analyse(s, args.seeds)
     return 0
 
 
