@@ -154,8 +154,19 @@ def budget_job(s, budget, seed):
             *s.stage_flags(seed), *METHODS[RSA]]
     if dual_alignment.main(argv) != 0:
         raise RuntimeError(f"the dual loop into {out}/dual failed (its log says why)")
-    if os.path.isdir(f"{out}/dual/final"):
-        s.evaluated(f"{out}/dual/final", f"{out}/dual_heldout", seed)
+    s.evaluated(stage.resolved_path(dual_choice(f"{out}/dual")[0]["policy"], f"{out}/dual"), f"{out}/dual_heldout",
+                seed)
+
+
+def dual_choice(folder):
+    """(trace record, met the budget on the tuning prompts) of the dual loop's pick: its final, or when no iterate
+    met the budget, the one with the smallest constraint (as RSA(P) falls back to q = 0, the safest mixture)."""
+    with open(os.path.join(folder, "trace.json")) as f:
+        trace = json.load(f)["iterations"]
+    feasible = [r for r in trace if r["meets_budget"]]
+    if feasible:
+        return max(feasible, key=lambda r: r["mean_reward"]), True
+    return min(trace, key=lambda r: r["constraint"]), False
 
 
 def sft_job(s, seed):
@@ -436,66 +447,55 @@ def budget_section(s, seeds, order):
     lines = [f"## Meeting a budget on CVaR 0.05 of cost: fixed lambda, RSA(P), the dual loop ({RSA})", "",
              f"(a) the default safety stage (lambda {BETA_R / DEFAULT_BETA:g}), no tuning; (b) RSA(P): the largest q "
              f"(weight of pi_r) whose mixture meets the budget, by {BISECTIONS} bisection steps on q after checking "
-             f"q = 1 and q = 0 (evaluations only, no training); (c) the dual loop, {DUAL['iterations']} iterations, "
-             f"lambda_0 {DUAL['lambda_init']:g}, dual_lr {DUAL['dual_lr']:g}, retraining from pi_r each time; its "
-             "final is the highest-reward iterate that met the budget. (b) and (c) choose on 56 training-set prompts "
-             f"(the tuning set, {s.samples} samples each); every row below is measured on the held-out prompts. "
-             "Compute per seed, beyond the reward stage: safety-stage trainings and tuning evaluations (each a "
-             "56-prompt sampling run).", ""]
+             f"q = 1 and q = 0 (evaluations only, no training; when even q = 0 misses, q = 0); (c) the dual loop, "
+             f"{DUAL['iterations']} iterations, lambda_0 {DUAL['lambda_init']:g}, dual_lr {DUAL['dual_lr']:g}, "
+             "retraining from pi_r each time: the highest-reward iterate that met the budget (when none did, the "
+             "iterate with the smallest constraint). (b) and (c) choose on 56 training-set prompts (the tuning set, "
+             f"{s.samples} samples each); the CVaR, reward and 'met on held-out' columns are measured on the held-out "
+             "prompts, mean over seeds [95 % bootstrap interval over seeds and prompts]. Compute per seed, beyond the "
+             "reward stage: safety-stage trainings and tuning evaluations (each a 56-prompt sampling run).", ""]
     for budget in BUDGETS:
-        lines += [f"### Budget {budget:g}", "",
-                  "| approach | seeds with a policy | held-out CVaR 0.05 of cost | mean reward | seeds meeting the "
-                  "budget (held-out) | trainings / seed | tuning evaluations / seed |", "|---|---|---|---|---|---|---|"]
+        approaches = {"(a) fixed lambda": [], "(b) RSA(P)": [], "(c) dual loop": []}  # (folder, met, trainings, evals)
         per_seed = ["| seed | (a) CVaR, reward | (b) q, CVaR, reward | (c) lambda (iteration), CVaR, reward |",
                     "|---|---|---|---|"]
-        folders = {"(a) fixed lambda": [], "(b) RSA(P)": [], "(c) dual loop": []}
-        compute = {key: [] for key in folders}
-        cells = {}
         for seed in seeds:
             out = os.path.join(s.out, "budget", f"B{budget:g}", f"seed{seed}")
-            if not os.path.exists(f"{out}/dual/final.json"):
+            if not os.path.exists(f"{out}/dual_heldout/results.json"):
                 continue
             with open(f"{out}/bisection.json") as f:
                 bis = json.load(f)
             with open(f"{out}/dual/trace.json") as f:
                 trace = json.load(f)["iterations"]
-            with open(f"{out}/dual/final.json") as f:
-                final = json.load(f)
-            found = {"(a) fixed lambda": f"{s.base(RSA, seed)}/eval/b{DEFAULT_BETA:g}",
-                     "(b) RSA(P)": f"{out}/rsa_p_heldout", "(c) dual loop": f"{out}/dual_heldout"}
-            compute["(a) fixed lambda"].append((1, 0))
-            compute["(b) RSA(P)"].append((1, bis["evaluations"]))
-            compute["(c) dual loop"].append((sum(r["lambda"] > 0 for r in trace), len(trace)))
-            row = {}
-            for key, folder in found.items():
-                if os.path.exists(f"{folder}/results.json"):
-                    folders[key].append(folder)
-                    with open(f"{folder}/results.json") as f:
-                        res = json.load(f)[0]
-                    row[key] = f"{res['cvar_cost_0.05']:.2f}, {res['mean_reward']:.3f}"
-                else:
-                    row[key] = "none met the budget on the tuning prompts"
-            lam = f"{final['lambda']:g} ({final['iteration']})" if final["met_budget"] else "-"
-            per_seed.append(f"| {seed} | {row['(a) fixed lambda']} | {bis['q']:g}, {row['(b) RSA(P)']} | {lam}, "
-                            f"{row['(c) dual loop']} |")
-            cells[seed] = row
-        for key, fs in folders.items():
-            if not compute[key]:
+            pick, dual_met = dual_choice(f"{out}/dual")
+            approaches["(a) fixed lambda"].append((f"{s.base(RSA, seed)}/eval/b{DEFAULT_BETA:g}", None, 1, 0))
+            approaches["(b) RSA(P)"].append((f"{out}/rsa_p_heldout", bis["met_on_tuning"], 1, bis["evaluations"]))
+            approaches["(c) dual loop"].append((f"{out}/dual_heldout", dual_met, sum(r["lambda"] > 0 for r in trace),
+                                                len(trace)))
+            cells = []
+            for key in approaches:
+                folder, met = approaches[key][-1][:2]
+                with open(f"{folder}/results.json") as f:
+                    res = json.load(f)[0]
+                cells.append(f"{res['cvar_cost_0.05']:.2f}, {res['mean_reward']:.3f}"
+                             + (" (missed on tuning)" if met is False else ""))
+            per_seed.append(f"| {seed} | {cells[0]} | {bis['q']:g}, {cells[1]} | {pick['lambda']:.3g} "
+                            f"({pick['iteration']}), {cells[2]} |")
+        lines += [f"### Budget {budget:g}", "",
+                  "| approach | met on tuning | met on held-out | held-out CVaR 0.05 of cost | mean reward | "
+                  "trainings / seed | tuning evaluations / seed |", "|---|---|---|---|---|---|---|"]
+        for key, runs in approaches.items():
+            if not runs:
                 continue
-            met = 0
-            for f in fs:
-                with open(f"{f}/results.json") as fh:
-                    met += json.load(fh)[0]["cvar_cost_0.05"] <= budget
-            trainings = sum(c[0] for c in compute[key]) / len(compute[key])
-            evals = sum(c[1] for c in compute[key]) / len(compute[key])
-            if fs:
-                boot = group_means(fs, order)
-                cv, rw = (fmt_ci(interval([b[k].item() for b in boot])) for k in (k_cvar, k_reward))
-            else:
-                cv = rw = "-"
-            lines.append(f"| {key} | {len(fs)} of {len(compute[key])} | {cv} | {rw} | {met} of {len(compute[key])} "
-                         f"| {trainings:g} | {evals:g} |")
-        lines += ["", "Per seed (held-out):", "", *per_seed, ""]
+            held = 0
+            for folder, *_ in runs:
+                with open(f"{folder}/results.json") as f:
+                    held += json.load(f)[0]["cvar_cost_0.05"] <= budget
+            boot = group_means([r[0] for r in runs], order)
+            cv, rw = (fmt_ci(interval([b[k].item() for b in boot])) for k in (k_cvar, k_reward))
+            tuned = "-" if runs[0][1] is None else f"{sum(r[1] for r in runs)} of {len(runs)}"
+            lines.append(f"| {key} | {tuned} | {held} of {len(runs)} | {cv} | {rw} | "
+                         f"{sum(r[2] for r in runs) / len(runs):g} | {sum(r[3] for r in runs) / len(runs):g} |")
+        lines += ["", "Per seed (held-out CVaR 0.05 of cost, mean reward):", "", *per_seed, ""]
     return lines
 
 
