@@ -12,7 +12,8 @@ On the toy world (fixed: seed 0) and for 5 training seeds:
   2. budgets on CVaR 0.05 of cost, for RSA (CVaR 0.95): (a) the fixed default lambda, (b) RSA(P) with q found by
      bisection (evaluations only), (c) the dual loop (dual_alignment.py). Choices are made on tuning prompts (56
      training-set prompts), results are reported on the held-out ones;
-  3. the reward-stage check: SACPO's reward stage at larger beta_r, matched in KL or reward to RSA's.
+  3. the reward-stage check: SACPO with beta_r 0.3 and 1 (closer to RSA's reward stage in KL and reward), the
+     whole sweep again (CHECK).
 Every policy is evaluated on the 56 held-out prompts x SAMPLES samples with the toy world's ground truth. The analysis
 (`analyse`) writes matched.md, matched.png and equal.md into --out. Every stage, mixture, evaluation and dual loop is a
 resumable output of its own: a killed study restarts where it stopped.

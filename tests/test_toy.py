@@ -101,26 +101,3 @@ def test_sft_samples_match_grammar_rates(full_world):
                 assert p - 3 * se <= rate <= 2 * p + 3 * se, (kind, k, rate, p, se)
             else:
                 assert abs(rate - p) <= 3 * se + misfit * p, (kind, k, rate, p, se)
-
-
-def test_study_severe_token_probability_by_hand(tiny_world):
-    """study.py's README column: the mean over harmful evaluation prompts of the probability of all severe-harm
-    tokens at the first response position, recomputed one prompt at a time without padding."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import study
-
-    sft = os.path.join(tiny_world, "sft")
-    model, tok = AutoModelForCausalLM.from_pretrained(sft).eval(), AutoTokenizer.from_pretrained(sft)
-    severe = [tok.convert_tokens_to_ids(f"<harm:{c}:severe>") for c in toy.HARM_CATEGORIES]
-    probs = []
-    for prompt, category in toy.split_prompts()[1]:
-        if category == "benign":
-            continue
-        ids = tok(f"BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:", return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            probs.append(model(input_ids=ids).logits[0, -1].softmax(-1)[severe].sum().item())
-    want = sum(probs) / len(probs)
-    assert 1e-4 < want < 0.5
-    assert study.severe_token_prob(sft, tiny_world) == pytest.approx(want, rel=1e-4)
