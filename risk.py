@@ -321,14 +321,21 @@ class _FusedChunk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h_pi, weight, h_ref, ref_weight, labels, *state = ctx.saved_tensors
+        g_token, g_kl, g_rho = grad[0] + grad[3], grad[1], grad[2]
+        # Terms without a gradient cost nothing: in training the KL is only logged, and ra_dpo2 stops the gradient
+        # of the chosen risk, so chunks of chosen positions (and every chunk of plain DPO) need no reference here.
+        with_kl, with_rho = bool(g_kl.any()), bool(ctx.measure) and bool(g_rho.any())
         with torch.no_grad(), torch.autocast(h_pi.device.type, enabled=False):
             logp = F.log_softmax(h_pi.to(weight.dtype) @ weight.t(), dim=-1).float()
-            ref_logp = F.log_softmax(h_ref.to(ref_weight.dtype) @ ref_weight.t(), dim=-1).float()
-            softmax, p_ref = logp.exp(), ref_logp.exp()
-            g_token, g_kl, g_rho = grad[0] + grad[3], grad[1], grad[2]
+            softmax = logp.exp()
             # d/dlogits of: token log-prob (onehot - softmax), KL (softmax - p_ref), risk (-w + sum(w) softmax)
-            dz = softmax * (g_kl - g_token)[:, None] - p_ref * g_kl[:, None]
-            if ctx.measure:
+            dz = softmax * (g_kl - g_token)[:, None]
+            if with_kl or with_rho:
+                ref_logp = F.log_softmax(h_ref.to(ref_weight.dtype) @ ref_weight.t(), dim=-1).float()
+                p_ref = ref_logp.exp()
+            if with_kl:
+                dz -= p_ref * g_kl[:, None]
+            if with_rho:
                 w = p_ref if ctx.measure == "expectation" else \
                     _tail_weights(ref_logp - logp, ref_logp, ctx.measure, ctx.level, state)
                 dz += softmax * (g_rho * w.sum(-1))[:, None] - w * g_rho[:, None]
