@@ -46,6 +46,7 @@ def test_the_trace_follows_the_dual_update(setup):
             assert after["beta"] == pytest.approx(beta_r / after["lambda"])
             policy = stage.resolved_path(after["policy"], out)
             assert stage.read_stage(policy)["args"]["beta"] == pytest.approx(after["beta"])
+            assert stage.read_stage(policy)["args"]["seed"] == 0  # the loop's --seed trains its stages
     for r in trace:
         results = json.load(open(os.path.join(out, f"iter-{r['iteration']}", "eval", "results.json")))[0]
         assert r["constraint"] == results["mean_cost"] and r["mean_reward"] == results["mean_reward"]
