@@ -410,10 +410,10 @@ def equal_table(s, names, means, seeds):
         f.write("\n".join(lines) + "\n")
 
 
-def group_means(folders, order, replicates=REPLICATES):
+def group_means(folders, order):
     """[estimate, *replicates] of the seed-mean metrics (len(METRICS),) over these evaluations (one per seed)."""
     x = torch.stack([read_samples(f, order) for f in folders])[None]
-    return [seed_means(x, pr, sd)[0] for pr, sd in draws(len(order), 1, len(folders), replicates)]
+    return [seed_means(x, pr, sd)[0] for pr, sd in draws(len(order), 1, len(folders), REPLICATES)]
 
 
 def check_section(s, seeds, order):
@@ -566,7 +566,12 @@ def main(argv=None):
         later = [(budget_job, s, b, seed) for b in BUDGETS for seed in args.seeds] if "budget" in args.parts else []
         later += [(sweep_job, s, v, seed) for seed in args.seeds for v in CHECK] if "check" in args.parts else []
         run_all(later, args.jobs)
-    analyse(s, args.seeds)
+    try:
+        analyse(s, args.seeds)
+    except FileNotFoundError as e:
+        print(f"study.py: error: {e.filename}: missing; run the study's sweep (without --report) for seeds "
+              f"{args.seeds} first", file=sys.stderr)
+        return 2
     return 0
 
 

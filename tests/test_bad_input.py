@@ -169,6 +169,8 @@ def cases(e):
         # the studies
         (study.main, ["--out", new, "--steps", "0"], e["reward"], "--steps must be positive"),
         (study.main, ["--out", new, "--seeds", "-1"], e["reward"], "--seeds must be 0 or more"),
+        (study.main, ["--out", new, "--world", e["world"], "--report"], e["reward"],
+         "missing; run the study's sweep (without --report)"),
         (study_real.main, ["--out", new, "--heldout", "0"], e["reward"], "--heldout must be positive"),
         (study_real.main, ["--out", new, "--data", str(e["tmp"] / "nowhere.jsonl.gz")], e["reward"],
          "--data " + str(e["tmp"] / "nowhere.jsonl.gz") + ": no such file"),
