@@ -16,7 +16,8 @@ On the toy world (fixed: seed 0) and for 5 training seeds:
      whole sweep again (CHECK).
 Every policy is evaluated on the 56 held-out prompts x SAMPLES samples with the toy world's ground truth. The analysis
 (`analyse`) writes matched.md, matched.png and equal.md into --out. Every stage, mixture, evaluation and dual loop is a
-resumable output of its own: a killed study restarts where it stopped.
+resumable output of its own: a killed study restarts where it stopped. Each job's output (stages, progress bars,
+evaluations) goes to <out>/logs/<job>.log; the terminal gets one line per finished job.
 """
 
 from __future__ import annotations
