@@ -67,7 +67,6 @@ class Study:
     def __init__(self, out, world, steps, samples):
         self.out, self.world, self.steps, self.samples = out, world, steps, samples
         self.tune = os.path.join(out, "tune_prompts.json")
-        self.heldout = world
 
     def stage_flags(self, seed):
         return ["--data", f"{self.world}/train.jsonl", "--max_length", "64", "--max_prompt_length", "32",
@@ -81,11 +80,11 @@ class Study:
         """The results row of `policy` (evaluated into `out` unless already there)."""
         results = os.path.join(out, "results.json")
         if not os.path.exists(results):
-            argv = ["--policies", policy, "--prompts", prompts or self.heldout, "--scorer", "toy", "--num_samples",
+            argv = ["--policies", policy, "--prompts", prompts or self.world, "--scorer", "toy", "--num_samples",
                     str(self.samples), "--max_new_tokens", "24", "--seed", str(seed), "--no_plots", "--out", out,
                     *extra]
             if evaluate.main(argv) != 0:
-                raise RuntimeError(f"evaluation of {policy} into {out} failed (its log says why)")
+                raise RuntimeError(f"evaluation of {policy} into {out} failed")
         with open(results) as f:
             return json.load(f)[0]
 
@@ -93,13 +92,13 @@ class Study:
 def trained(script, out, argv):
     """Train (or resume, or reuse) one stage into `out`."""
     if script.main([*argv, "--out", out, *stage.continue_flags(out)]) != 0:
-        raise RuntimeError(f"{script.__name__} into {out} failed (its log says why)")
+        raise RuntimeError(f"{script.__name__} into {out} failed")
     return out
 
 
 def mixed(first, second, qs, out):
     if merge_policies.main(["--first", first, "--second", second, "--q", *map(repr, qs), "--out", out]) != 0:
-        raise RuntimeError(f"merge into {out} failed (its log says why)")
+        raise RuntimeError(f"merge into {out} failed")
     return [os.path.join(out, f"q{q:g}") for q in qs]
 
 
@@ -155,7 +154,7 @@ def budget_job(s, budget, seed):
             "--seed", str(seed), "--out", f"{out}/dual", *[f"--{k}={v}" for k, v in DUAL.items()],
             *s.stage_flags(seed), *METHODS[RSA]]
     if dual_alignment.main(argv) != 0:
-        raise RuntimeError(f"the dual loop into {out}/dual failed (its log says why)")
+        raise RuntimeError(f"the dual loop into {out}/dual failed")
     s.evaluated(stage.resolved_path(dual_choice(f"{out}/dual")[0]["policy"], f"{out}/dual"), f"{out}/dual_heldout",
                 seed)
 
@@ -199,8 +198,12 @@ def logged(path):
 def run_job(job):
     fn, s, *args = job
     name = "-".join(str(a) for a in (fn.__name__.removesuffix("_job"), *args))
-    with logged(os.path.join(s.out, "logs", name + ".log")):
-        fn(s, *args)
+    log = os.path.join(s.out, "logs", name + ".log")
+    try:
+        with logged(log):
+            fn(s, *args)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}: see {log}") from None
     return name
 
 
@@ -232,8 +235,12 @@ def write_tune_prompts(path):
 
 # -------------------------------------------------------------------------------------------------------- analysis
 
-POINTS = ("reward", *[f"b{b:g}" for b in BETAS], *[f"q{q:g}" for q in QS])  # one method's policies, weakest first
-STRENGTH = POINTS[: 1 + len(BETAS)]  # the reward stage and the safety stages: the frontier by strength alone
+def points():
+    """One method's policies, weakest first: the reward stage, the safety stages (the frontier by strength alone is
+    these first 1 + len(BETAS)), the mixtures."""
+    return ("reward", *[f"b{b:g}" for b in BETAS], *[f"q{q:g}" for q in QS])
+
+
 LOWER_IS_BETTER = {"cvar_cost_0.05": True, "severe_harm_rate": True, "safe_rate": False}
 LEVEL_STEPS = (0.0, 0.5, 1.0)  # matched reward levels: the SFT model's mean reward plus these
 REPLICATES = 1000
@@ -318,21 +325,21 @@ def read_at(front, level):
     raise AssertionError("unreachable: the frontier is sorted by reward")
 
 
-def matched_values(means, points, metric, levels):
-    """For each method: the metric its frontier (over `points`) reaches at each level, from seed means (methods,
-    POINTS, METRICS)."""
+def matched_values(means, cols, metric, levels):
+    """For each method: the metric its frontier (over the policies `cols`) reaches at each level, from seed means
+    (methods, points(), METRICS)."""
     k, r = METRICS.index(metric), METRICS.index("mean_reward")
-    cols = [POINTS.index(p) for p in points]
     return [[read_at(pareto([(means[m, c, r].item(), means[m, c, k].item()) for c in cols], LOWER_IS_BETTER[metric]),
                      level) for level in levels] for m in range(means.shape[0])]
 
 
 def analyse(s, seeds):
     """matched.md, matched.png and equal.md in s.out, from the evaluations on disk."""
-    order = [p["prompt"] for p in evaluate.load_prompt_set(s.heldout, None)]
+    order = [p["prompt"] for p in evaluate.load_prompt_set(s.world, None)]
+    every = points()
     names = [*METHODS, *[v for v in CHECK if all(os.path.exists(f"{s.base(v, seed)}/eval/{p}/results.json")
-                                                 for seed in seeds for p in POINTS)]]
-    x = torch.stack([torch.stack([torch.stack([read_samples(f"{s.base(m, seed)}/eval/{p}", order) for p in POINTS])
+                                                 for seed in seeds for p in every)]]
+    x = torch.stack([torch.stack([torch.stack([read_samples(f"{s.base(m, seed)}/eval/{p}", order) for p in every])
                                   for seed in seeds]) for m in names])
     sft = torch.stack([read_samples(f"{s.out}/sft/seed{seed}", order) for seed in seeds])[None]
     boot = draws(len(order), len(names) + 1, len(seeds), REPLICATES)
@@ -340,9 +347,9 @@ def analyse(s, seeds):
     sft_means = means[0][1]
     levels = [sft_means[0].item() + d for d in LEVEL_STEPS]
     tables = {}
-    for family, points in (("all", POINTS), ("strength", STRENGTH)):
+    for family, cols in (("all", range(len(every))), ("strength", range(1 + len(BETAS)))):
         for metric in LOWER_IS_BETTER:
-            tables[family, metric] = torch.tensor([matched_values(mm, points, metric, levels) for mm, _ in means])
+            tables[family, metric] = torch.tensor([matched_values(mm, cols, metric, levels) for mm, _ in means])
     lines = ["# RSA against SACPO and TDPO at matched helpfulness (toy world)", "",
              f"Command: `make study` (`python study.py --out runs/study`) at commit {readme.commit()}. Training seeds "
              f"{seeds}; every policy sampled {s.samples} times on each of the {len(order)} held-out prompts with the "
@@ -404,7 +411,7 @@ def equal_table(s, names, means, seeds):
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, name in enumerate(names):
         for policy in ("reward", f"b{DEFAULT_BETA:g}", *[f"q{q:g}" for q in QS]):
-            c = POINTS.index(policy)
+            c = points().index(policy)
             cells = [fmt_ci(interval([mm[m, c, k].item() for mm, _ in means])) for k in range(len(METRICS))]
             lines.append(f"| {name} | {policy} | " + " | ".join(cells) + " |")
     with open(os.path.join(s.out, "equal.md"), "w") as f:
@@ -513,7 +520,7 @@ def plot_matched(s, names, means, sft, levels, read):
                                  ("CVaR 0.05 of cost (tail harm; lower is safer)", "severe-harm rate")):
         k = METRICS.index(metric)
         for m, name in enumerate(names):
-            pts = [(means[m, c, r].item(), means[m, c, k].item()) for c in range(len(POINTS))]
+            pts = [(means[m, c, r].item(), means[m, c, k].item()) for c in range(means.shape[1])]
             front = pareto(pts, True)
             line, = ax.plot([v for _, v in front], [rw for rw, _ in front], "-", lw=2 if name == "sacpo" else 1.3,
                             label=name)
@@ -563,10 +570,14 @@ def main(argv=None):
         jobs = [(sft_job, s, seed) for seed in args.seeds]
         if "sweep" in args.parts:
             jobs += [(sweep_job, s, m, seed) for seed in args.seeds for m in METHODS]
-        run_all(jobs, args.jobs)
         later = [(budget_job, s, b, seed) for b in BUDGETS for seed in args.seeds] if "budget" in args.parts else []
         later += [(sweep_job, s, v, seed) for seed in args.seeds for v in CHECK] if "check" in args.parts else []
-        run_all(later, args.jobs)
+        try:
+            run_all(jobs, args.jobs)
+            run_all(later, args.jobs)
+        except RuntimeError as e:
+            print(f"study.py: error: {e}", file=sys.stderr)
+            return 1
     try:
         analyse(s, args.seeds)
     except FileNotFoundError as e:

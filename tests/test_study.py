@@ -60,8 +60,6 @@ def test_the_study_in_miniature(tiny_world, tmp_path, monkeypatch):
                         ("CHECK", {"sacpo_br0.3": ("sacpo", 0.3)}), ("REPLICATES", 20),
                         ("DUAL", {**study.DUAL, "iterations": 2})):
         monkeypatch.setattr(study, name, value)
-    monkeypatch.setattr(study, "POINTS", ("reward", "b0.1", "b0.01", "q0.5"))
-    monkeypatch.setattr(study, "STRENGTH", ("reward", "b0.1", "b0.01"))
     out = str(tmp_path / "study")
     argv = ["--out", out, "--world", tiny_world, "--steps", "2", "--samples", "2", "--seeds", "0", "--jobs", "1"]
     assert study.main(argv) == 0
