@@ -170,11 +170,25 @@ def test_cvar_radpo_equals_quantile_transcription(split, level):
     assert torch.allclose(got, radpo_quantile_transcription(d, p, level, split), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 101])
-def test_linear_quantile_without_sort_equals_torch_quantile(n):
-    x = (torch.randn(6, n, dtype=torch.float64) * 2).round() / 2  # ties
+def test_linear_quantile_without_sort_equals_torch_quantile(n, dtype):
+    x = (torch.randn(6, n, dtype=dtype) * 2).round() / 2  # ties
+    specials = torch.tensor([-0.0, 0.0, 1e-40, -1e-40, -3e38, 3e38], dtype=dtype)
+    x[0] = specials[torch.arange(n) % len(specials)]  # signed zeros, subnormals, extremes
     for fraction in [0.0, 0.01, 0.05, 0.3, 0.5, 0.77, 0.95, 0.99, 1.0]:
         assert torch.equal(risk._linear_quantile(x, fraction), torch.quantile(x, fraction, dim=-1)), (n, fraction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sortable_bits_order_as_the_floats_and_invert(dtype):
+    x = torch.cat([torch.randn(500, dtype=dtype) * 10.0 ** torch.randint(-30, 30, (500,)).to(dtype),
+                   torch.tensor([-0.0, float("inf"), -float("inf"), 1e-40, -1e-40], dtype=dtype)])
+    keys = risk._sortable_bits(x)
+    assert not keys.is_floating_point()
+    order = keys.argsort(stable=True)
+    assert (x[order].diff() >= 0).all()  # non-decreasing: the integers sort the floats
+    assert torch.equal(risk._sortable_bits(keys).view(dtype), x)  # and map back exactly
 
 
 def test_cvar_radpo_is_not_coherent():
