@@ -1,11 +1,13 @@
 """Speed and memory of the token-level risk terms and of a training step (not run in CI).
 
-    python bench.py                 # about 10 minutes on 2 idle CPU cores; writes docs/bench/bench.json and bench.md
+    python bench.py                 # about 8 minutes on 2 idle CPU cores; writes docs/bench/bench.json and bench.md
     python bench.py --quick         # smaller shapes, for a quick look
+    python bench.py --profile       # which operators take a training step's time, per loss: docs/bench/profile.md
 
 Every time is a ratio against a baseline measured in the same process (one warm-up, then the median of
 --repeats); every peak memory comes from a subprocess of its own per configuration (a process's peak RSS never goes
-down), reported as the growth of peak RSS over the RSS once the inputs exist.
+down), reported as the growth of peak RSS over the RSS once the inputs exist, with glibc told to return every
+freed block of 64 KiB or more (see memory()).
 
 1. Risk terms at (N, T, V) = (16, 256, 32000), fp32, forward + backward, starting from final hidden states and an
    output projection, through risk.sequence_terms with each measure against measure=None: the fused chunks
@@ -237,16 +239,44 @@ def one(kind, config, shape):
 
 
 def memory(kind, config, shape):
+    """Peak RSS growth of one configuration in a process of its own. glibc's malloc keeps freed memory for reuse
+    (how much depends on the order of earlier allocations), which moved these peaks by hundreds of MB between runs;
+    MALLOC_MMAP_THRESHOLD_=65536 maps every allocation of 64 KiB or more on its own and unmaps it when freed, so the
+    peak RSS is the peak of live tensors (plus small allocations), the same to about 1 MB from run to run."""
     out = subprocess.run([sys.executable, __file__, "--one", kind, config, "--shape", *map(str, shape)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profile_steps(setup, configs, steps=3, rows=20):
+    """The operators that take the time of a training step, per loss: self CPU milliseconds per step from
+    torch.profiler, averaged over `steps` steps after a warm-up; the `rows` largest, as a markdown table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_step = {}
+    for config in configs:
+        train_step(config, setup)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                train_step(config, setup)
+        per_step[config] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+    ops = sorted(set().union(*per_step.values()), key=lambda op: -max(t.get(op, 0.0) for t in per_step.values()))
+    lines = ["| operator (ms per step) | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
+    for op in ops[:rows]:
+        lines.append(f"| {op} | " + " | ".join(f"{per_step[c].get(op, 0.0):.0f}" for c in configs) + " |")
+    lines.append("| all operators | " + " | ".join(f"{sum(per_step[c].values()):.0f}" for c in configs) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="(4, 128, 32000) risk terms, 2 pairs x 128 tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) after a warm-up")
-    p.add_argument("--out", default="docs/bench", help="where bench.json and bench.md go")
+    p.add_argument("--out", default="docs/bench", help="where bench.json and bench.md (or profile.md) go")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: which operators take a training step's time, per loss (torch.profiler), into "
+                        "profile.md")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--shape", nargs="+", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -256,6 +286,19 @@ def main(argv=None):
         return 0
     risk_shape = (4, 128, 32000) if args.quick else (16, 256, 32000)
     step_shape = (2, 128) if args.quick else (8, 256)
+    os.makedirs(args.out, exist_ok=True)
+    if args.profile:
+        import readme
+
+        pairs, tokens = step_shape
+        text = (f"Command: `python bench.py --profile{' --quick' if args.quick else ''}` ({os.cpu_count()} CPU "
+                f"threads, torch {torch.__version__}), at commit {readme.commit()}. One training step of bench.py's "
+                f"model, {pairs} pairs x {tokens} tokens, per loss: self CPU time of the largest operators, mean of "
+                "3 steps after a warm-up.\n\n" + profile_steps(step_setup(*step_shape), STEP_CONFIGS))
+        with open(os.path.join(args.out, "profile.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return 0
     results = {"machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}", "risk_shape": risk_shape,
                "step_shape": {"pairs": step_shape[0], "tokens": step_shape[1]}, "risk": {}, "step": {}}
     inputs = risk_inputs(*risk_shape)
@@ -282,7 +325,6 @@ def main(argv=None):
         results["trl"] = {"version": trl.__version__, "seconds": sec, **memory("trl", "dpo", step_shape)}
         print(f"[bench] TRL {trl.__version__} DPOTrainer step: {sec:.2f} s, peak growth "
               f"{results['trl']['growth_mb']:.0f} MB", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=1)
     text = report(results, args)

@@ -48,42 +48,71 @@ def _check_level(level, name="level"):
 def cvar(values, probs=None, level=None, *, log_probs=None):
     """CVaR at `level` in (0, 1]: the mean of v over the worst (largest) `level` of probability mass [choice].
 
-    Walk the atoms from the worst down, taking mass until `level` is used up: the atom where it runs out is the VaR
-    t, every atom above t counts in full and t gets the remainder, CVaR = (sum_{v > t} p v + (level - P(v > t)) t)
-    / level. level = 1 is exactly the expectation. Check: v = [1, 2, 5, 10], p uniform, level 0.5 -> 7.5.
-    The weights come from locating the VaR (no gradient); the gradient w.r.t. v is the weight of each atom.
+    Walk the atoms from the worst down, taking mass until `level` is used up: the value where it runs out is the
+    VaR t, every atom above t counts in full and the atoms at t share the remainder, CVaR = (sum_{v > t} p v +
+    (level - P(v > t)) t) / level. level = 1 is exactly the expectation. Check: v = [1, 2, 5, 10], p uniform,
+    level 0.5 -> 7.5. The weights come from locating the VaR (no gradient); the gradient w.r.t. v is the weight of
+    each atom: p / level above t, and the remainder spread over the atoms at t in proportion to p (at ties the
+    subgradient that treats tied atoms alike: with all values equal it is p, the expectation's).
     """
     _check_level(level)
     p = _probs(probs, log_probs)
     if float(level) == 1.0:
         return expectation(values, p)
-    var, boundary, remainder = _cvar_boundary(values, p, level)
-    w = (values > var).to(p.dtype) * p
-    return (expectation(values, w) + (remainder * values.gather(-1, boundary)).squeeze(-1)) / level
+    var, share = _cvar_var(values, p, level)
+    return expectation(values, _cvar_weights(values, p, var, share, torch.empty_like(values, dtype=p.dtype))) / level
+
+
+def _cvar_weights(values, p, var, share, out):
+    """CVaR's weights times level, into `out`: p above the VaR, p * share at it (share = (level - P(v > t)) /
+    P(v = t)), 0 below. `out` may be `values` itself."""
+    above = values > var
+    return torch.eq(values, var, out=out).mul_(share).add_(above).mul_(p)
 
 
 @torch.no_grad()
-def _cvar_boundary(values, p, level, steps=12):
-    """(VaR t, index of the boundary atom, the mass it contributes, level - P(v > t)), each (..., 1), without a full
-    sort: bisection on the value keeps P(v > hi) < level <= P(v > lo), so the boundary atom lies in (lo, hi]; after
-    `steps` halvings only a few entries remain there, and a topk of those, walked from the top with P(v > hi) as the
-    starting mass, finds it (the walk of the definition, restricted to where it ends)."""
+def _cvar_var(values, p, level, steps=12, most=2048):
+    """(VaR t, share), each (..., 1), without a full sort. Bisection on the value keeps P(v > hi) < level <=
+    P(v > lo), so t lies in (lo, hi]: `steps` halvings of the values' own spread, then more, 4 at a time, while a
+    row has more than `most` entries in its interval that could still be split (a row whose lo and hi are adjacent
+    floats has t = hi). A topk of the entries left in (lo, hi], walked from the top with P(v > hi) as the starting
+    mass, finds t (the walk of the definition, restricted to where it ends)."""
     scratch = torch.empty_like(values, dtype=torch.result_type(values, p))  # one buffer for all passes
-    lo = values.amin(-1, keepdim=True) - 1
+    minus_inf = torch.tensor(-float("inf"), dtype=values.dtype, device=values.device)
+    lo = torch.nextafter(values.amin(-1, keepdim=True), minus_inf)
     hi = values.amax(-1, keepdim=True)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
+    for step in range(64):  # past 64 halvings, the selection below takes whatever is left
+        if step >= steps and step % 4 == 0:
+            left = _left(values, lo, hi)
+            k = int(left.sum(-1).max())
+            if k <= most:
+                break
+        mid = lo / 2 + hi / 2  # no overflow between finite floats
         heavy = _mass_above(values, p, mid, scratch) >= level
         lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
-    inside = (values > lo) & (values <= hi)
-    k = max(1, int(inside.sum(-1).max()))
-    top, index = torch.where(inside, values, torch.tensor(float("-inf")), out=scratch).topk(k, dim=-1)
+    else:
+        left = _left(values, lo, hi)
+        k = int(left.sum(-1).max())
+    k = max(1, k)
+    top = torch.where(left, values, minus_inf, out=scratch).topk(k, dim=-1)
     start = _mass_above(values, p, hi, scratch)
-    mass = start + p.gather(-1, index).cumsum_(-1)
+    p_top = p.gather(-1, top.indices)
     target = torch.full_like(start, float(level))
-    boundary = torch.searchsorted(mass, target).clamp_(max=k - 1)  # first cumulative >= level
-    var = top.gather(-1, boundary)
-    return var, index.gather(-1, boundary), level - _mass_above(values, p, var, scratch)
+    var = top.values.gather(-1, torch.searchsorted(start + p_top.cumsum(-1), target).clamp_(max=k - 1))
+    above = start + (p_top * (top.values > var)).sum(-1, keepdim=True)
+    at = (p_top * (top.values == var)).sum(-1, keepdim=True)  # every atom at var is among the selected
+    converged = torch.nextafter(lo, hi) == hi  # (lo, hi] holds one float: the VaR is hi
+    if converged.any():
+        var = torch.where(converged, hi, var)
+        above = torch.where(converged, start, above)
+        at = torch.where(converged, _mass_above(values, p, lo, scratch) - start, at)
+    return var, (level - above) / at.clamp_(min=torch.finfo(at.dtype).tiny)
+
+
+def _left(values, lo, hi):
+    """The entries in (lo, hi] of the rows where that interval can still be split: in a row whose lo and hi are
+    adjacent floats, the VaR is hi."""
+    return (values > torch.where(torch.nextafter(lo, hi) == hi, hi, lo)) & (values <= hi)
 
 
 def _mass_above(values, p, t, scratch):
@@ -283,11 +312,11 @@ def sequential_risk_ratio(policy_logits, reference_logits, mask, measure, level=
 
 # The training path's chunks: values and the gradient in closed form (docs/math.md Sec. 4). With respect to
 # D = log p_ref - log p_theta, each measure's gradient is a weight vector w known in closed form: the expectation's
-# is p_ref; CVaR's is p_ref / level above the VaR plus the remainder / level on the boundary atom; the authors' form
-# puts p_ref above its threshold; ERM's is softmax(log p_ref + mu D). Through D, the gradient with respect to the
+# is p_ref; CVaR's is p_ref / level above the VaR plus the remainder / level spread over the atoms at the VaR in
+# proportion to p_ref (one atom unless values tie); the authors' form puts p_ref above its threshold; ERM's is softmax(log p_ref + mu D). Through D, the gradient with respect to the
 # policy logits is -w + (sum w) softmax(logits); the token log-prob's is onehot - softmax(logits); the KL's is
-# softmax(logits) - p_ref. So the forward keeps only per-position scalars (VaR, boundary atom and remainder, or the
-# thresholds) and the backward recomputes the two projections once, with no sort and no autograd graph of size
+# softmax(logits) - p_ref. So the forward keeps only per-position scalars (the VaR and the share of the remainder, or
+# the thresholds) and the backward recomputes the two projections once, with no sort and no autograd graph of size
 # (chunk x vocabulary).
 
 
@@ -295,7 +324,7 @@ def sequential_risk_ratio(policy_logits, reference_logits, mask, measure, level=
 def _tail_state(d, p, measure, level, split_vocab):
     """What the weights of a measure need, found once in the forward pass (the sort or the selection)."""
     if measure == "cvar" and float(level) < 1.0:
-        return _cvar_boundary(d, p, level)
+        return _cvar_var(d, p, level)
     if measure == "cvar_radpo":
         return (_radpo_thresholds(d, level, split_vocab),)
     return ()
@@ -313,8 +342,7 @@ def _tail_weights(d, p, ref_logp, measure, level, state, out):
             return torch.gt(d, state[0], out=out).mul_(p)
         return out.copy_(_radpo_tail(d, state[0])).mul_(p)
     if measure == "cvar" and state:
-        var, boundary, remainder = state
-        return torch.gt(d, var, out=out).mul_(p).scatter_add_(-1, boundary, remainder).div_(level)
+        return _cvar_weights(d, p, *state, out).div_(level)
     return out.copy_(p)  # the expectation (and CVaR at level 1)
 
 
