@@ -83,16 +83,14 @@ def _cvar_var(values, p, level, steps=12, most=2048):
     hi = values.amax(-1, keepdim=True)
     for step in range(64):  # past 64 halvings, the selection below takes whatever is left
         if step >= steps and step % 4 == 0:
-            left = _left(values, lo, hi)
-            k = int(left.sum(-1).max())
+            left, k = _left(values, lo, hi)
             if k <= most:
                 break
         mid = lo / 2 + hi / 2  # no overflow between finite floats
         heavy = _mass_above(values, p, mid, scratch) >= level
         lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
     else:
-        left = _left(values, lo, hi)
-        k = int(left.sum(-1).max())
+        left, k = _left(values, lo, hi)
     k = max(1, k)
     top = torch.where(left, values, minus_inf, out=scratch).topk(k, dim=-1)
     start = _mass_above(values, p, hi, scratch)
@@ -110,9 +108,10 @@ def _cvar_var(values, p, level, steps=12, most=2048):
 
 
 def _left(values, lo, hi):
-    """The entries in (lo, hi] of the rows where that interval can still be split: in a row whose lo and hi are
-    adjacent floats, the VaR is hi."""
-    return (values > torch.where(torch.nextafter(lo, hi) == hi, hi, lo)) & (values <= hi)
+    """The entries in (lo, hi] of the rows where that interval can still be split (in a row whose lo and hi are
+    adjacent floats, the VaR is hi), and the most of them in any row."""
+    left = (values > torch.where(torch.nextafter(lo, hi) == hi, hi, lo)) & (values <= hi)
+    return left, int(left.sum(-1, dtype=torch.int32).max())  # summed in int64, a bool mask is first copied to int64
 
 
 def _mass_above(values, p, t, scratch):
@@ -313,11 +312,11 @@ def sequential_risk_ratio(policy_logits, reference_logits, mask, measure, level=
 # The training path's chunks: values and the gradient in closed form (docs/math.md Sec. 4). With respect to
 # D = log p_ref - log p_theta, each measure's gradient is a weight vector w known in closed form: the expectation's
 # is p_ref; CVaR's is p_ref / level above the VaR plus the remainder / level spread over the atoms at the VaR in
-# proportion to p_ref (one atom unless values tie); the authors' form puts p_ref above its threshold; ERM's is softmax(log p_ref + mu D). Through D, the gradient with respect to the
-# policy logits is -w + (sum w) softmax(logits); the token log-prob's is onehot - softmax(logits); the KL's is
-# softmax(logits) - p_ref. So the forward keeps only per-position scalars (the VaR and the share of the remainder, or
-# the thresholds) and the backward recomputes the two projections once, with no sort and no autograd graph of size
-# (chunk x vocabulary).
+# proportion to p_ref (one atom unless values tie); the authors' form puts p_ref above its threshold; ERM's is
+# softmax(log p_ref + mu D). Through D, the gradient with respect to the policy logits is -w + (sum w)
+# softmax(logits); the token log-prob's is onehot - softmax(logits); the KL's is softmax(logits) - p_ref. So the
+# forward keeps only per-position scalars (the VaR and the share of the remainder, or the thresholds) and the
+# backward recomputes the two projections once, with no sort and no autograd graph of size (chunk x vocabulary).
 
 
 @torch.no_grad()
