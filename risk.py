@@ -331,7 +331,8 @@ def _tail_state(d, p, measure, level, split_vocab):
 
 @torch.no_grad()
 def _tail_weights(d, p, ref_logp, measure, level, state, out):
-    """dPhi/dD at one position, from the forward's state (no sort), written into `out` (which may be d itself)."""
+    """dPhi/dD at one position, from the forward's state (no sort), written into `out` (which may be d itself); the
+    expectation's is p itself."""
     if measure == "erm":  # softmax(log p_ref + mu D)
         x = torch.add(ref_logp, d, alpha=level, out=out)
         x.sub_(x.amax(-1, keepdim=True)).exp_()
@@ -342,12 +343,12 @@ def _tail_weights(d, p, ref_logp, measure, level, state, out):
         return out.copy_(_radpo_tail(d, state[0])).mul_(p)
     if measure == "cvar" and state:
         return _cvar_weights(d, p, *state, out).div_(level)
-    return out.copy_(p)  # the expectation (and CVaR at level 1)
+    return p  # the expectation (and CVaR at level 1)
 
 
 def _log_softmax(hidden, weight):
-    """log softmax(hidden @ weight^T) in fp32, projected in the weight's own precision."""
-    return F.log_softmax(hidden.to(weight.dtype) @ weight.t(), dim=-1).float()
+    """log softmax(hidden @ weight^T), projected in the weight's own precision, normalised in fp32."""
+    return F.log_softmax(hidden.to(weight.dtype) @ weight.t(), dim=-1, dtype=torch.float32)
 
 
 class _FusedChunk(torch.autograd.Function):
