@@ -143,8 +143,8 @@ _SORTABLE = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 def _sortable_bits(x):
     """The bits of float32/float64 x as integers ordered as the floats are (a negative float's magnitude bits
-    flipped); the map is its own inverse. A partial selection on these integers skips the floats' NaN handling:
-    about 1.5x faster on the CPU."""
+    flipped); the map is its own inverse. A partial selection on these integers skips the floats' NaN handling: topk
+    is about 1.5x faster on the CPU, 1.2x counting the map."""
     bits = x.view(_SORTABLE[x.dtype]) if x.is_floating_point() else x
     negative = torch.bitwise_right_shift(bits, 8 * bits.element_size() - 1)  # all ones for a negative float, else 0
     return negative.bitwise_and_(torch.iinfo(bits.dtype).max).bitwise_xor_(bits)

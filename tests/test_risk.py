@@ -19,6 +19,14 @@ def seeded():
 # ---------------------------------------------------------------- independent references (plain Python floats)
 
 
+@pytest.fixture
+def topk_sizes(monkeypatch):
+    """The k of every Tensor.topk call made during the test: how large the partial selections were."""
+    sizes, topk = [], torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda self, k, *a, **kw: sizes.append(k) or topk(self, k, *a, **kw))
+    return sizes
+
+
 def bf_expectation(v, p):
     return sum(pi * vi for vi, pi in zip(v, p))
 
@@ -77,7 +85,7 @@ def test_cvar_worked_example():
     assert risk.cvar(v, torch.full((4,), 0.25), 0.5).item() == pytest.approx(7.5)
 
 
-def test_cvar_gradient_at_ties_spreads_the_remainder_in_proportion_to_p():
+def test_cvar_gradient_at_ties_spreads_the_remainder_in_proportion_to_p(topk_sizes):
     # worst first: 5 takes 0.25, the two atoms at 2 share the remaining 0.25 of their 0.5: t = 2
     v = torch.tensor([1.0, 2.0, 2.0, 5.0], dtype=torch.float64, requires_grad=True)
     p = torch.full((4,), 0.25, dtype=torch.float64)
@@ -89,35 +97,24 @@ def test_cvar_gradient_at_ties_spreads_the_remainder_in_proportion_to_p():
     # expectation's, and no partial selection of the whole vocabulary is made
     v = torch.zeros(3, 32000, requires_grad=True)
     p = torch.softmax(torch.randn(3, 32000), -1)
-    seen = []
-    topk = torch.Tensor.topk
-    try:
-        torch.Tensor.topk = lambda self, k, *a, **kw: seen.append(k) or topk(self, k, *a, **kw)
-        (grad,) = torch.autograd.grad(risk.cvar(v, p, 0.25).sum(), v)
-    finally:
-        torch.Tensor.topk = topk
-    assert torch.allclose(grad, p, rtol=1e-5, atol=0) and max(seen) == 1
+    topk_sizes.clear()
+    (grad,) = torch.autograd.grad(risk.cvar(v, p, 0.25).sum(), v)
+    assert torch.allclose(grad, p, rtol=1e-5, atol=0) and max(topk_sizes) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cvar_with_a_narrow_bulk_and_an_outlier_matches_the_walk(dtype):
+def test_cvar_with_a_narrow_bulk_and_an_outlier_matches_the_walk(dtype, topk_sizes):
     """Most values within 1e-6 of each other, one far below: twelve halvings of the spread leave the bulk in one
     interval, so the bisection goes on; the result is still the walk's, and the final selection stays small."""
     g = torch.Generator().manual_seed(3)
     v = 1e-6 * torch.randn(4, 5000, generator=g, dtype=dtype)
     v[:, 0] = -30.0
     p = torch.softmax(torch.randn(4, 5000, generator=g, dtype=dtype), -1)
-    seen = []
-    topk = torch.Tensor.topk
-    try:
-        torch.Tensor.topk = lambda self, k, *a, **kw: seen.append(k) or topk(self, k, *a, **kw)
-        got = risk.cvar(v, p, 0.3)
-    finally:
-        torch.Tensor.topk = topk
+    got = risk.cvar(v, p, 0.3)
     for row in range(4):
         want = bf_cvar(v[row].double().tolist(), p[row].double().tolist(), 0.3)
         assert got[row].item() == pytest.approx(want, rel=1e-5 if dtype == torch.float32 else 1e-12)
-    assert max(seen) <= 2048
+    assert max(topk_sizes) <= 2048
 
 
 @pytest.mark.parametrize("measure,level", [m for m in COHERENT if m[0] != "expectation"])
