@@ -12,7 +12,7 @@ STEPS=${STEPS:-150}         # optimizer steps per stage
 SAMPLES=${SAMPLES:-32}      # samples per evaluation prompt
 QS=${QS:-"0.25 0.5 0.75 0.9"}
 STAGE="--max_length 64 --max_prompt_length 32 --batch_size 16 --lr 5e-3 --lora_r 8 --max_steps $STEPS
-       --eval_every 50 --log_every 25"
+       --eval_every 50 --log_every 25 --precision fp32 --dtype float32"  # fp32 everywhere: the README's table on any host
 
 echo "== 1/5 toy world and SFT model -> $WORLD"
 $PY toy.py build --out "$WORLD" --size "$SIZE"
@@ -29,5 +29,5 @@ echo "== 5/5 evaluation with the toy world's ground truth -> $OUT"
 MIXES=()
 for q in $QS; do MIXES+=("$OUT/mix/q$q"); done
 $PY evaluate.py --policies "$WORLD/sft" "$OUT/reward" "$OUT/safety" "${MIXES[@]}" --prompts "$WORLD" --scorer toy \
-    --num_samples "$SAMPLES" --max_new_tokens 24 --kl_pairs "$WORLD/test.jsonl" --out "$OUT"
+    --num_samples "$SAMPLES" --max_new_tokens 24 --kl_pairs "$WORLD/test.jsonl" --dtype float32 --out "$OUT"
 echo "== done: $OUT/results.json, $OUT/report.md, $OUT/frontier.png"

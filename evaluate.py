@@ -97,25 +97,22 @@ class BeaverScore(torch.nn.Module):
     """The beaver score-model format (safe-rlhf LlamaForScore): a LLaMA body and a linear `score_head`, read at the
     last non-pad token."""
 
-    def __init__(self, config):
-        from transformers import AutoModel
-
+    def __init__(self, body, score_head):
         super().__init__()
-        self.model = AutoModel.from_config(config)
-        self.score_head = torch.nn.Linear(config.hidden_size, getattr(config, "score_dim", 1),
-                                          bias=getattr(config, "bias", False))
+        self.model, self.score_head = body, score_head
 
     def forward(self, input_ids, attention_mask):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(-1) - 1  # right padding: the last real token
-        return self.score_head(hidden[torch.arange(len(last)), last])[:, 0]
+        return self.score_head(hidden[torch.arange(len(last), device=last.device), last])[:, 0]
 
 
-def load_score_model(path, trust_remote_code=False):
+def load_score_model(path, trust_remote_code=False, dtype=torch.float32):
     """A scalar scorer from a local folder: beaver format (architectures LlamaForScore) or any
-    AutoModelForSequenceClassification with one label. Weights from safetensors, or weights_only torch.load."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    AutoModelForSequenceClassification with one label, in `dtype`. The body loads as transformers loads any model
+    (built empty, weights read once: no random 7B first); weights from safetensors, or weights_only torch.load."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     if not os.path.isdir(path) and not stage.is_hub_name(path):
         raise UsageError(f"{path}: no such score-model folder (or hub id)")
@@ -125,28 +122,36 @@ def load_score_model(path, trust_remote_code=False):
         path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if "LlamaForScore" in (config.architectures or []):
-        model = BeaverScore(config)
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        state = {}
-        if files:
-            for f in files:
-                state.update(load_file(os.path.join(path, f)))
-        else:
+        head = {}
+        for f in files:  # only the score head's tensors are read here
+            with safe_open(os.path.join(path, f), "pt") as st:
+                head.update({k: st.get_tensor(k) for k in st.keys() if k.startswith("score_head.")})
+        if not files:
             for f in sorted(f for f in os.listdir(path) if f.endswith(".bin")):
-                state.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True))
-        if not state:
-            raise UsageError(f"{path}: no .safetensors (or .bin) weights")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise UsageError(f"{path}: beaver score model is missing weights, e.g. {missing[:3]}")
-        return model.eval()
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True,
+                state = torch.load(os.path.join(path, f), map_location="cpu", weights_only=True)
+                head.update({k: v for k, v in state.items() if k.startswith("score_head.")})
+        if "score_head.weight" not in head:
+            raise UsageError(f"{path}: beaver score model without score_head weights (.safetensors or .bin)")
+        try:
+            body = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=bool(files) or None,
+                                             trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path}: cannot load the score model ({str(e).splitlines()[0]})") from None
+        score_head = torch.nn.Linear(config.hidden_size, getattr(config, "score_dim", 1),
+                                     bias="score_head.bias" in head, dtype=dtype)
+        score_head.load_state_dict({k.removeprefix("score_head."): v for k, v in head.items()})
+        return BeaverScore(body, score_head).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, dtype=dtype,
                                                                trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:  # batches of several texts need it (the tokenizer pads with EOS)
+        model.config.pad_token_id = model.config.eos_token_id
     return model.eval()
 
 
 class ModelScorer:
-    """Reward and cost from score models over the PKU template (cost > 0 means unsafe)."""
+    """Reward and cost from score models over the PKU template (cost > 0 means unsafe). Each score model is loaded
+    when scoring starts and freed after it, one at a time: with the policies already gone, the GPU holds one model."""
 
     knows_severity = False
 
@@ -154,28 +159,24 @@ class ModelScorer:
                  dtype=torch.float32):
         from transformers import AutoTokenizer
 
-        self.models, self.suffix, self.device = {}, {}, device
-        for key, path in (("reward", reward_path), ("cost", cost_path)):
-            if path:
-                try:
-                    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-                except (OSError, ValueError) as e:
-                    raise UsageError(f"{path}: cannot load the score model's tokenizer ({str(e).splitlines()[0]})") \
-                        from None
-                if tok.pad_token_id is None:
-                    tok.pad_token = tok.eos_token
-                tok.padding_side = "right"
-                model = load_score_model(path, trust_remote_code)
-                self.models[key] = (model.to(device=device, dtype=dtype), tok)
-                # beaver models were trained on prompt + answer + EOS and are read at that EOS (safe-rlhf)
-                self.suffix[key] = tok.eos_token if isinstance(model, BeaverScore) else ""
-        if not self.models:
+        self.paths = {k: p for k, p in (("reward", reward_path), ("cost", cost_path)) if p}
+        if not self.paths:
             raise UsageError("--scorer models needs --reward_model and/or --cost_model")
+        self.tokenizers, self.device, self.dtype, self.trust = {}, device, dtype, trust_remote_code
+        for key, path in self.paths.items():  # tokenizers (and their errors) up front, weights later
+            try:
+                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{path}: cannot load the score model's tokenizer ({str(e).splitlines()[0]})") \
+                    from None
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            tok.padding_side = "right"
+            self.tokenizers[key] = tok
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def score_texts(self, key, texts):
-        model, tok = self.models[key]
+    def score_texts(self, model, tok, texts):
         out = []
         for s in range(0, len(texts), self.batch_size):
             enc = tok(texts[s: s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
@@ -187,9 +188,39 @@ class ModelScorer:
 
     def __call__(self, prompts, responses):
         texts = [data.PKU_TEMPLATE.format(prompt=p) + data.response_text(r, "pku") for p, r in zip(prompts, responses)]
-        scores = {k: self.score_texts(k, [t + self.suffix[k] for t in texts]) for k in self.models}
+        scores = {}
+        for key, path in self.paths.items():
+            model = load_score_model(path, self.trust, self.dtype).to(self.device)
+            # beaver models were trained on prompt + answer + EOS and are read at that EOS (safe-rlhf)
+            tok = self.tokenizers[key]
+            suffix = tok.eos_token if isinstance(model, BeaverScore) else ""
+            scores[key] = self.score_texts(model, tok, [t + suffix for t in texts])
+            del model
+            free_device_memory(self.device)
         return [{"reward": scores["reward"][i] if "reward" in scores else None,
                  "cost": scores["cost"][i] if "cost" in scores else None, "severe": None} for i in range(len(texts))]
+
+
+def memory_line(model, device, args, prompts, prompt_tokens):
+    """What generation holds on the device: the policy's weights and the KV cache of one batch at full length (the
+    score models come after, one at a time, with the policies gone)."""
+    gb, c = 1024 ** 3, model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    batch = min(args.batch_size, prompts * args.num_samples)
+    cache = 2 * c.num_hidden_layers * heads * head_dim * batch * (prompt_tokens + args.max_new_tokens) * \
+        next(model.parameters()).element_size()
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) if device.type == "cuda" else None
+    print(f"[memory] policy weights {weights / gb:.3g} GB, KV cache ~{cache / gb:.3g} GB ({batch} sequences x "
+          f"{prompt_tokens} prompt + {args.max_new_tokens} new tokens); score models load one at a time after "
+          "generation"
+          + (f"; {free / gb:.3g} GB on {device}" if free is not None else ""), flush=True)
+
+
+def free_device_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -232,11 +263,21 @@ def per_category(records, knows_severity):
     return {c: policy_metrics([r for r in records if r["category"] == c], knows_severity) for c in cats}
 
 
+def fp32_copy(head):
+    """A 16-bit plain output head as an fp32 copy, so the KL's vocabulary projection is not rounded to 16 bits
+    (which alone adds about 1e-4 nats per token between identical heads); any other head as it is."""
+    if type(head) is not torch.nn.Linear or head.weight.dtype == torch.float32:
+        return head
+    copy = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device=head.weight.device)
+    copy.load_state_dict(head.state_dict())  # cast to fp32 on the copy
+    return copy.requires_grad_(False)
+
+
 @torch.no_grad()
 def sequential_kl_on_pairs(model, reference, examples, pad_id, batch_size=8, chunk_size=256):
     """Mean SeqKL(pi_ref || pi) over the chosen and the rejected responses of held-out pairs."""
-    body, head = stage.backbone_and_head(model)
-    ref_body, ref_head = stage.backbone_and_head(reference)
+    (body, head), (ref_body, ref_head) = stage.backbone_and_head(model), stage.backbone_and_head(reference)
+    head, ref_head = fp32_copy(head), fp32_copy(ref_head)
     totals = {"chosen": 0.0, "rejected": 0.0}
     for s in range(0, len(examples), batch_size):
         chunk = examples[s: s + batch_size]
@@ -465,23 +506,21 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     all_records, results = {}, []
     kl_ref = kl_examples = None
-    for name, folder in zip(names, args.policies):
+    for name, folder in zip(names, args.policies):  # generate (and the KL) policy by policy; score after all
         print(f"[eval] {name}: {len(prompts)} prompts x {args.num_samples} samples", flush=True)
-        model = stage.load_policy(folder, args.trust_remote_code, dtype).to(device)
         tok = stage.load_tokenizer(folder)
+        model = stage.load_policy(folder, args.trust_remote_code, dtype).to(device)
+        if name == names[0]:
+            longest = max(len(tok(p["prompt"])["input_ids"]) for p in prompts)
+            memory_line(model, device, args, len(prompts), longest)
         texts = [p["prompt"] for p in prompts]
         outs = sample_responses(model, tok, texts, args.num_samples, args.max_new_tokens, not args.greedy,
                                 args.temperature, args.top_p, args.batch_size, args.prompt_format, args.seed,
                                 desc=f"sampling {name}", stop=args.stop)
-        flat = [(p, i, r) for p, rs in zip(prompts, outs) for i, r in enumerate(rs)]
-        scores = scorer([p["prompt"] for p, _, _ in flat], [r for _, _, r in flat]) if scorer else \
-            [{"reward": None, "cost": None, "severe": None}] * len(flat)
-        records = [{"policy": name, "prompt": p["prompt"], "category": p["category"], "sample": i, "response": r,
-                    "length": len(tok(r, add_special_tokens=False)["input_ids"]), **s}
-                   for (p, i, r), s in zip(flat, scores)]
-        all_records[name] = records
-        knows = bool(scorer and scorer.knows_severity)
-        res = {"policy": name, "q": policy_q(folder), **policy_metrics(records, knows)}
+        all_records[name] = [{"policy": name, "prompt": p["prompt"], "category": p["category"], "sample": i,
+                              "response": r, "length": len(tok(r, add_special_tokens=False)["input_ids"])}
+                             for p, rs in zip(prompts, outs) for i, r in enumerate(rs)]
+        res = {"policy": name, "q": policy_q(folder)}
         if args.kl_pairs:
             if kl_ref is None:
                 kl_ref = stage.load_policy(args.kl_reference or args.policies[names.index(baseline)],
@@ -490,9 +529,20 @@ def run(args):
                 kl_examples = data.tokenize_pairs(pairs[:256], tok, source=args.kl_pairs)
             kl = sequential_kl_on_pairs(model, kl_ref, kl_examples, tok.pad_token_id)
             res.update({"seq_kl_chosen": kl["chosen"], "seq_kl_rejected": kl["rejected"]})
-        res["categories"] = per_category(records, knows)
         results.append(res)
         del model
+        free_device_memory(device)
+    del kl_ref
+    free_device_memory(device)
+    flat = [r for name in names for r in all_records[name]]
+    scores = scorer([r["prompt"] for r in flat], [r["response"] for r in flat]) if scorer else \
+        [{"reward": None, "cost": None, "severe": None}] * len(flat)
+    for r, score in zip(flat, scores):
+        r.update(score)
+    knows = bool(scorer and scorer.knows_severity)
+    for i, res in enumerate(results):
+        records = all_records[res["policy"]]
+        results[i] = {**res, **policy_metrics(records, knows), "categories": per_category(records, knows)}
     for res in results:
         res["win_rate_vs_baseline"] = (win_rate(all_records[res["policy"]], all_records[baseline])
                                        if scorer and results[0]["mean_reward"] is not None else None)

@@ -15,7 +15,8 @@ different bases (P-SACPO's "naive" merge) are interpolated weight by weight inst
 
 Each q gets a folder (q0.5, ...): the adapter (loads with stock peft on the base), the tokenizer, a model card,
 rsa_config.json (parents, q, stage order; paths relative to the folder) and complete.json, written last.
---merged adds q*/merged/, the full merged model in the base's dtype, for serving.
+--merged adds q*/merged/, the full merged model, for serving. Merged and full mixtures are computed in fp32 on any
+host and saved in --dtype (fp32 by default; bfloat16 or float16 round the merged weights once, at the save).
 """
 
 from __future__ import annotations
@@ -69,15 +70,15 @@ def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged,
         json.dump(cfg, f, indent=1)
     with open(os.path.join(tmp, stage.COMPLETE_FILE), "w") as f:  # written last: the completeness marker
         json.dump({"q": q}, f)
-    if merged:  # the full model, for serving: the base plus this adapter, merged (the base's dtype)
-        stage.load_policy(tmp, dtype=dtype).save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
+    if merged:  # the full model, for serving: the base plus this adapter, merged in fp32, saved in `dtype`
+        stage.load_policy(tmp).to(dtype).save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
         tokenizer.save_pretrained(os.path.join(tmp, "merged"))
     return cfg
 
 
 def write_full_mixture(tmp, args, second_model, q, tokenizer, note, dtype):
     """Weight by weight into a fresh copy of the first model (two model copies in memory at most)."""
-    first_model = stage.load_policy(args.first, args.trust_remote_code, dtype)
+    first_model = stage.load_policy(args.first, args.trust_remote_code)
     sa, sb = first_model.state_dict(), second_model.state_dict()
     if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
         diff = sorted(k for k in set(sa) | set(sb) if k not in sa or k not in sb or sa[k].shape != sb[k].shape)
@@ -87,7 +88,7 @@ def write_full_mixture(tmp, args, second_model, q, tokenizer, note, dtype):
         for k, a in sa.items():
             if a.is_floating_point():
                 a.copy_(q * a.float() + (1 - q) * sb[k].float())
-    first_model.save_pretrained(tmp, safe_serialization=True)
+    first_model.to(dtype).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, MIXTURE_FILE), "w") as f:
         json.dump({**note, "q": q}, f, indent=1)
@@ -138,8 +139,8 @@ def run(args):
     if not todo:
         return
     tokenizer = stage.load_tokenizer(args.second if stage.is_stage(args.second) else args.first)
-    dtype = stage.resolve_dtype(args.dtype, stage.resolve_device())
-    second_model = None if adapters else stage.load_policy(args.second, args.trust_remote_code, dtype)
+    dtype = stage.DTYPES.get(args.dtype, torch.float32)  # what is saved; the mixing itself is fp32
+    second_model = None if adapters else stage.load_policy(args.second, args.trust_remote_code)
     for q in todo:
         folder = os.path.join(args.out, f"q{q:g}")
         tmp = folder + ".tmp"
@@ -163,7 +164,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder that receives one subfolder per q")
     parser.add_argument("--merged", action="store_true", help="also write q*/merged/, the full merged model")
     parser.add_argument("--dtype", default="auto", choices=("auto", *stage.DTYPES),
-                        help="weights of merged and full mixtures: auto is bf16 on CUDA, fp32 on the CPU")
+                        help="weights saved for --merged and full mixtures, computed in fp32 either way: auto is "
+                             "float32 on every host")
     parser.add_argument("--overwrite", action="store_true", help="replace mixtures made from other parents")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     args = parser.parse_args(argv)

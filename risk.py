@@ -266,7 +266,7 @@ def augmented_q_values(costs, policies, measure="expectation", level=None):
 def path_costs_before(costs):
     """C_{1:t-1}(s_t) for every depth t, shaped like Q_t (the cost paid on the way to s_t, broadcast over a_t)."""
     out = [torch.zeros_like(costs[0])]
-    running = torch.zeros(costs[0].shape[:-1], dtype=costs[0].dtype)
+    running = torch.zeros_like(costs[0][..., 0])  # on the costs' device and in their dtype
     for t in range(1, len(costs)):
         running = running.unsqueeze(-1) + costs[t - 1]
         out.append(running.unsqueeze(-1).expand_as(costs[t]))

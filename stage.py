@@ -51,8 +51,8 @@ RADPO_PARITY = dict(loss="ra_dpo1", risk_measure="cvar_radpo", risk_level=0.95, 
 REFERENCE_ADAPTER = "reference"
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
-# peft imports bitsandbytes whenever it is installed; on a CPU its 4-bit kernel loader then warns about a kernel that
-# only --load_in_4bit (CUDA) would use
+# peft imports bitsandbytes whenever it is installed; on a CPU its 4-bit kernel loader then warns about an optional
+# kernel package
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
@@ -150,16 +150,19 @@ def base_of(folder, cfg=None):
 
 
 def load_policy(folder, trust_remote_code=False, dtype=torch.float32):
-    """A finished stage's (or mixture's) policy as a plain transformers model: its recorded base with its one LoRA
-    adapter merged in. Also accepts a plain model folder, a hub name or a .gguf file. Stock peft gives the same
-    model: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)."""
+    """A finished stage's (or mixture's) policy: its recorded base with its one LoRA adapter, as stock peft loads it
+    (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)). In fp32 the adapter is merged
+    into the weights (a plain transformers model); on a 16-bit base it stays an fp32 adapter beside them, as in
+    training, since folding an update about 1e-3 the size of the weights into bf16 rounds most of it away. Also
+    accepts a plain model folder, a hub name or a .gguf file."""
     from peft import PeftModel
 
     if not is_stage(folder):
         return load_base_model(folder, trust_remote_code=trust_remote_code, dtype=dtype)
     path, gguf_file, revision = base_of(folder)
     base = load_base_model(path, gguf_file, trust_remote_code, revision=revision, dtype=dtype)
-    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+    model = PeftModel.from_pretrained(base, folder, torch_device="cpu")  # peft would pick GPU 0 by itself
+    return model.merge_and_unload() if dtype == torch.float32 else model.eval()
 
 
 # LoRA adapters as data: {module path: (A (r, in), B (out, r) with the scaling folded in)}. Concatenating two
@@ -417,21 +420,36 @@ def resolve_device(spec="auto"):
     return device
 
 
-def resolve_dtype(spec, device):
-    """auto: bf16 on a CUDA device that has it (fp16 on one that does not), fp32 on the CPU."""
-    if spec == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return DTYPES[spec]
+def native_bf16():
+    """bf16 in hardware (Ampere and newer), not merely representable: V100 and T4 emulate it, several times slower."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(spec, device):
+    """auto: bf16 autocast on a GPU that has bf16 in hardware, fp16 with a gradient scaler on one that does not
+    (T4, V100), fp32 on the CPU."""
+    if spec != "auto":
+        return spec
+    return ("bf16" if native_bf16() else "fp16") if device.type == "cuda" else "fp32"
+
+
+def resolve_dtype(spec, device, precision="auto"):
+    """auto: on a CUDA device the 16-bit type of the precision (bf16 where the GPU has it, else fp16; fp32 under
+    --precision fp32), fp32 on the CPU."""
+    if spec != "auto":
+        return DTYPES[spec]
+    if device.type != "cuda":
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_precision(precision, device)]
 
 
 def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=False, revision=None,
-                    dtype=torch.float32, fp32_head=False):
-    """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), in `dtype` (or
-    4-bit nf4 with bf16 compute for QLoRA, on CUDA). For training (`fp32_head`), the output head stays fp32 under a
-    16-bit dtype (unless it is tied to the input embedding), so the vocabulary projection of the risk terms is not
-    rounded to 16 bits (risk.sequence_terms projects with autocast off)."""
+                    dtype=torch.float32, fp32_head=False, compute_dtype=None):
+    """The causal LM at `path` (local folder, hub name, or GGUF), weights from safetensors (or GGUF), in `dtype`, or
+    for QLoRA its linear layers in 4-bit nf4 (double quantisation) computing in `compute_dtype` (default `dtype`),
+    on this rank's GPU or on the CPU. For training (`fp32_head`), the output head is fp32 under a 16-bit dtype (a
+    tied head as an untied fp32 copy), so the vocabulary projection of the risk terms is not rounded to 16 bits
+    (risk.sequence_terms projects with autocast off)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -444,9 +462,9 @@ def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype or dtype,
             bnb_4bit_use_double_quant=True)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"}
     if gguf_file:
         from transformers import GgufConfig
 
@@ -464,13 +482,31 @@ def load_base_model(path, gguf_file=None, trust_remote_code=False, load_in_4bit=
         raise UsageError(f"{where}: cannot load a causal LM from it ({str(e).splitlines()[0]})") from None
     model.config.use_cache = False
     head = model.get_output_embeddings()
-    if fp32_head and dtype != torch.float32 and not load_in_4bit and head is not None and \
-            head.weight is not getattr(model.get_input_embeddings(), "weight", None):
-        head.float()
+    if fp32_head and dtype != torch.float32 and not load_in_4bit and head is not None:
+        if head.weight is getattr(model.get_input_embeddings(), "weight", None):
+            # a tied head (SmolLM2, Qwen2-0.5B): an untied fp32 copy for the projection; the head is frozen, so the
+            # copy stays equal to the embedding, and adapters still load on the tied base
+            head.weight = torch.nn.Parameter(head.weight.detach().float().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+        else:
+            head.float()
     for module in model.modules():  # a deterministic reference: no dropout outside the LoRA layers added later
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit weight in place for an inference kernel at the
+        # first eval-mode forward without grad (the reference pass); that kernel has no backward, so every later
+        # gradient through the layer is silently dropped. The training kernel serves both passes instead.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
+
+
+def training_base(path, gguf_file, revision, args, rt):
+    """The frozen base a stage trains on: in --dtype (auto: the precision's 16-bit type on a GPU, fp32 on the CPU),
+    or with --load_in_4bit in nf4 computing in the autocast dtype (fp32 without autocast); an fp32 output head."""
+    return load_base_model(path, gguf_file, args.trust_remote_code, args.load_in_4bit, revision,
+                           resolve_dtype(args.dtype, rt.device, rt.precision), fp32_head=True,
+                           compute_dtype=rt.dtype or torch.float32)
 
 
 def load_tokenizer(path, gguf_file=None, trust_remote_code=False, revision=None):
@@ -609,11 +645,15 @@ def add_training_flags(p):
                    help="auto: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on those that do not "
                         "(T4, V100), fp32 on a CPU")
     g.add_argument("--load_in_4bit", action="store_true",
-                   help="QLoRA: the base in 4-bit nf4 with bf16 compute (needs CUDA and bitsandbytes)")
+                   help="QLoRA: the base's linear layers in 4-bit nf4, computing in the precision's dtype (needs "
+                        "bitsandbytes; on a CPU it runs, slowly: for tests and small checks)")
     g.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="the frozen base weights: auto is bf16 on CUDA, fp32 on the CPU (LoRA weights, optimizer and "
                         "the vocabulary projection stay fp32; 16-bit bases keep stage 1 as a frozen adapter)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (non-reentrant)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="bitwise repeatable runs on a GPU: deterministic kernels only (torch.use_deterministic_"
+                        "algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8); slower. The CPU is deterministic already")
     g = p.add_argument_group("output")
     g.add_argument("--config", default=None,
                    help="a yaml or json file of flag values (keys are flag names), or a previous run's rsa_config.json "
@@ -690,9 +730,11 @@ def parse_args(parser, argv=None):
             risk.check_measure(args.risk_measure, args.risk_level)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.load_in_4bit and not torch.cuda.is_available():
-        raise UsageError("--load_in_4bit (QLoRA, nf4) needs a CUDA GPU and bitsandbytes; this machine has no CUDA "
-                         "device: drop the flag to train in full precision on the CPU")
+    if args.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("--load_in_4bit needs bitsandbytes (pip install bitsandbytes)") from None
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
     if args.max_prompt_length >= args.max_length:
@@ -808,16 +850,18 @@ def batch_loss(model, batch, lc):
                                           None if rr is None else rr[l], lc.beta, lc.alpha, lc.loss)
     loss = losses.mean() if lc.reduction == "mean" else losses.sum()
     rw, rl = lc.beta * logratio[w].detach(), lc.beta * logratio[l].detach()
-    m = {"loss": loss.item(),
-         "rewards/chosen": rw.mean().item(), "rewards/rejected": rl.mean().item(),
-         "rewards/margins": (rw - rl).mean().item(), "rewards/accuracies": (rw > rl).float().mean().item(),
-         "rewards_ra/chosen": cw.mean().item(), "rewards_ra/rejected": cl.mean().item(),
-         "rewards_ra/margins": (cw - cl).mean().item(), "rewards_ra/accuracies": (cw > cl).float().mean().item(),
-         "logps/chosen": logps[w].mean().item(), "logps/rejected": logps[l].mean().item(),
-         "kl/chosen": kl[w].mean().item(), "kl/rejected": kl[l].mean().item()}
+    # metrics stay on the device as 0-dim tensors: the loop reads them once per step (one host sync, not 16)
+    m = {"loss": loss.detach(),
+         "rewards/chosen": rw.mean(), "rewards/rejected": rl.mean(),
+         "rewards/margins": (rw - rl).mean(), "rewards/accuracies": (rw > rl).float().mean(),
+         "rewards_ra/chosen": cw.mean(), "rewards_ra/rejected": cl.mean(),
+         "rewards_ra/margins": (cw - cl).mean(), "rewards_ra/accuracies": (cw > cl).float().mean(),
+         "logps/chosen": logps[w].mean(), "logps/rejected": logps[l].mean(),
+         "kl/chosen": kl[w].mean(), "kl/rejected": kl[l].mean()}
     if rr is not None:
-        m.update({"risk/chosen": rr[w].mean().item(), "risk/rejected": rr[l].mean().item(),
-                  "risk/margins": (rr[l] - rr[w]).mean().item()})
+        m.update({"risk/chosen": rr[w].mean(), "risk/rejected": rr[l].mean(),
+                  "risk/margins": (rr[l] - rr[w]).mean()})
+    m = {k: v.detach().float() for k, v in m.items()}
     return loss, m
 
 
@@ -835,7 +879,8 @@ def evaluate_pairs(model, examples, lc, batch_size, pad_id, device="cpu"):
             totals[k] = totals.get(k, 0.0) + v * len(chunk)
         count += len(chunk)
     model.train(was_training)
-    return {k: v / count for k, v in totals.items()}
+    keys = sorted(totals)
+    return dict(zip(keys, (torch.stack([totals[k] for k in keys]) / count).tolist()))
 
 
 def prepare_data(args, tokenizer):
@@ -868,20 +913,23 @@ def prepare_data(args, tokenizer):
 
 
 class Runtime:
-    """Where and how a run computes: device, mixed precision, and (under `accelerate launch` / torchrun) the
-    process group. Gradients of the LoRA parameters are all-reduced by hand, so every rank's step equals one
-    process stepping on the whole global batch."""
+    """Where and how a run computes: the device (cuda:LOCAL_RANK under torchrun / accelerate launch), mixed precision,
+    and the process group. Several processes train through PyTorch's DistributedDataParallel (bucketed gradient
+    all-reduce overlapped with the backward), so every rank's step equals one process stepping on the global batch."""
 
-    def __init__(self, precision="auto"):
+    def __init__(self, precision="auto", deterministic=False):
+        if deterministic:  # before any CUDA work: cuBLAS reads the workspace setting when it starts
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)  # peft, RNG states and NCCL then use this rank's GPU, not GPU 0
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if precision == "auto":
-            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+            torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
+        precision = resolve_precision(precision, self.device)
         if precision == "fp16" and not cuda:
             raise UsageError("--precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
         self.precision = precision
@@ -897,16 +945,52 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def all_reduce(self, tensor, op="mean"):
+    def wrap(self, module):
+        """`module` under DistributedDataParallel when there are several processes (itself otherwise)."""
+        if self.world == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[self.device] if self.device.type ==
+                                                         "cuda" else None, broadcast_buffers=False)
+
+    def all_reduce_mean(self, tensor):
         if self.world > 1:
             torch.distributed.all_reduce(tensor)
-            if op == "mean":
-                tensor /= self.world
+            tensor /= self.world
         return tensor
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def rng_state(self):
+        state = {"torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state):
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def barrier(self):
         if self.world > 1:
             torch.distributed.barrier()
+
+
+class PairLoss(torch.nn.Module):
+    """batch_loss as a module, so DistributedDataParallel (which hooks a module's forward) can wrap it."""
+
+    def __init__(self, model, lc):
+        super().__init__()
+        self.model, self.lc = model, lc
+
+    def forward(self, batch):
+        return batch_loss(self.model, batch, self.lc)
 
 
 def lr_lambda(args, total_steps):
@@ -945,9 +1029,10 @@ def _write_failed(e, work, what):
 
 
 def save_checkpoint(work, step, model, opt, sched, cfg, state, keep=2):
-    """checkpoints/step-N: trainable weights (safetensors), optimizer, scheduler and RNG state (weights-only
-    loadable), the run config, and a completeness marker written last, each fsynced; then renamed into place. The
-    newest `keep` complete checkpoints are kept (a corrupt newest one then has a predecessor to fall back to)."""
+    """checkpoints/step-N: trainable weights (safetensors), optimizer, scheduler, every rank's RNG states and the
+    fp16 gradient scaler (weights-only loadable), the run config, and a completeness marker written last, each
+    fsynced; then renamed into place. The newest `keep` complete checkpoints are kept (a corrupt newest one then has
+    a predecessor to fall back to)."""
     from safetensors.torch import save
 
     root = os.path.join(work, "checkpoints")
@@ -958,10 +1043,7 @@ def save_checkpoint(work, step, model, opt, sched, cfg, state, keep=2):
         os.makedirs(tmp)
         weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         _fsync_write(os.path.join(tmp, "trainable.safetensors"), lambda f: f.write(save(weights)))
-        trainer = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                   "torch_rng": torch.get_rng_state(), **state}
-        if torch.cuda.is_available():
-            trainer["cuda_rng"] = torch.cuda.get_rng_state()
+        trainer = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state}
         _fsync_write(os.path.join(tmp, "trainer_state.pt"), lambda f: torch.save(trainer, f))
         _fsync_write(os.path.join(tmp, CONFIG_FILE), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
         _fsync_write(os.path.join(tmp, COMPLETE_FILE), lambda f: f.write(b"{}"))
@@ -999,7 +1081,7 @@ def latest_checkpoint(work):
     return done[-1] if done else None
 
 
-def load_checkpoint(path, model, opt, sched, cfg):
+def load_checkpoint(path, model, opt, sched, cfg, rt):
     from safetensors.torch import load_file
 
     with open(os.path.join(path, CONFIG_FILE)) as f:
@@ -1011,18 +1093,21 @@ def load_checkpoint(path, model, opt, sched, cfg):
     params = dict(model.named_parameters())
     if set(weights) != {n for n, p in params.items() if p.requires_grad}:
         raise ValueError("its weights are not this model's trainable parameters")
+    if len(trainer["rng"]) != rt.world:
+        raise UsageError(f"{path}: the checkpoint was made by {len(trainer['rng'])} process(es); resume with as "
+                         f"many (this run has {rt.world})")
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)
     opt.load_state_dict(trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])
-    torch.set_rng_state(trainer["torch_rng"])
-    if "cuda_rng" in trainer and torch.cuda.is_available():
-        torch.cuda.set_rng_state(trainer["cuda_rng"])
+    rt.set_rng_state(trainer["rng"][rt.rank])  # each rank its own CPU and CUDA generator
+    if rt.scaler is not None and "scaler" in trainer:
+        rt.scaler.load_state_dict(trainer["scaler"])
     return trainer
 
 
-def resume(work, model, opt, sched, cfg):
+def resume(work, model, opt, sched, cfg, rt):
     """The trainer state of the newest readable checkpoint; an unreadable one (truncated, corrupt) is skipped with a
     note, falling back to the one before."""
     ckpts = complete_checkpoints(work)
@@ -1032,7 +1117,7 @@ def resume(work, model, opt, sched, cfg):
                          + "; drop --resume to start a new run (or --overwrite to replace an unfinished one)")
     for ckpt in reversed(ckpts):
         try:
-            trainer = load_checkpoint(ckpt, model, opt, sched, cfg)
+            trainer = load_checkpoint(ckpt, model, opt, sched, cfg, rt)
         except UsageError:
             raise
         except Exception as e:  # a damaged file: any parse error of safetensors or torch.load
@@ -1065,7 +1150,7 @@ def start_or_resume(model, opt, sched, args, cfg, rt, work):
     """(first step, skipped batches): from the newest readable checkpoint under --resume (an error when there is
     none), else a fresh work folder. An unfinished run is never silently replaced."""
     if args.resume:
-        trainer = resume(work, model, opt, sched, cfg)
+        trainer = resume(work, model, opt, sched, cfg, rt)
         if rt.main:
             with open(os.path.join(work, METRICS_FILE)) as f:  # drop records of steps after the checkpoint
                 kept = [line for line in f if json.loads(line)["step"] <= trainer["step"]]
@@ -1084,45 +1169,56 @@ def start_or_resume(model, opt, sched, args, cfg, rt, work):
     return 1, 0
 
 
-def one_update(model, params, opt, sched, micro_batches, args, lc, rt, step):
-    """One optimizer step over `grad_accum` micro-batches: (metrics, whether the step was applied). A non-finite
-    loss or gradient stops the run, or with --skip_nonfinite skips the batch."""
+def one_update(loss_module, params, opt, sched, micro_batches, args, rt, step):
+    """One optimizer step over `grad_accum` micro-batches: (metrics, whether the batch was applied). A non-finite
+    loss stops the run (or, with --skip_nonfinite, skips the batch); so does a non-finite gradient, except under fp16,
+    where the gradient scaler skips an overflowing step itself and lowers its scale. The learning-rate schedule
+    advances only with the optimizer. Metrics are read from the device once, after the backward."""
     t0, tokens, per_micro = time.time(), 0, []
-    for batch in micro_batches:
-        batch = {k: v.to(rt.device) for k, v in batch.items()}
-        with rt.autocast():
-            loss, m = batch_loss(model, batch, lc)
-        loss = loss / args.grad_accum
-        (rt.scaler.scale(loss) if rt.scaler else loss).backward()
-        tokens += int(batch["attention_mask"].sum())
+    scale = rt.world if args.loss_reduction == "sum" else 1  # DDP averages gradients over ranks; a sum adds them
+    for i, batch in enumerate(micro_batches):
+        tokens += int(batch["attention_mask"].sum())  # counted on the CPU, before the copy: no device sync
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+        # gradients are all-reduced with the last micro-batch's backward only
+        sync = loss_module.no_sync() if rt.world > 1 and i < args.grad_accum - 1 else contextlib.nullcontext()
+        with sync:
+            with rt.autocast():
+                loss, m = loss_module(batch)
+            loss = loss * (scale / args.grad_accum)
+            (rt.scaler.scale(loss) if rt.scaler else loss).backward()
         per_micro.append(m)
-    for p in params:  # data parallel: average (or, for a summed loss, add) the gradients of all ranks
-        if p.grad is not None:
-            rt.all_reduce(p.grad, "sum" if lc.reduction == "sum" else "mean")
     if rt.scaler:
         rt.scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-    m = {k: sum(x[k] for x in per_micro) / len(per_micro) for k in per_micro[0]}
-    applied = (math.isfinite(m["loss"]) and math.isfinite(grad_norm)) or rt.scaler is not None
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    keys = sorted(per_micro[0])
+    values = torch.stack([torch.stack([x[k] for x in per_micro]).mean() for k in keys] + [grad_norm.float()])
+    values = rt.all_reduce_mean(values.double()).tolist()  # the one host sync of the step
+    m, grad_norm = dict(zip(keys, values[:-1])), values[-1]
+    applied = math.isfinite(m["loss"]) and (math.isfinite(grad_norm) or rt.scaler is not None)
     if not applied and not args.skip_nonfinite:
         last = latest_checkpoint(args.out.rstrip("/") + ".tmp")
         raise UsageError(f"non-finite {'loss' if not math.isfinite(m['loss']) else 'gradient'} at step {step}; "
                          + (f"the last good checkpoint is {last}: fix the cause (e.g. a lower --lr) and rerun with "
                             "--resume" if last else "no checkpoint yet (see --save_every)")
                          + "; or pass --skip_nonfinite to skip such batches")
-    if applied and rt.scaler:
-        rt.scaler.step(opt)  # skips the step itself when the scaled gradients overflowed
+    stepped = applied
+    if rt.scaler:
+        before = rt.scaler.get_scale()
+        if applied:
+            rt.scaler.step(opt)  # skips the step itself when the scaled gradients overflowed
         rt.scaler.update()
+        stepped = applied and rt.scaler.get_scale() >= before  # a skipped step lowered the scale
+        m["loss_scale"] = rt.scaler.get_scale()
     elif applied:
         opt.step()
-    sched.step()
+    if stepped:
+        sched.step()
     opt.zero_grad(set_to_none=True)
     m.update({"grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
               "tokens_per_s": tokens * rt.world / (time.time() - t0)})
     if rt.device.type == "cuda":
         m["max_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 1024 ** 3
-    keys = sorted(m)
-    return dict(zip(keys, rt.all_reduce(torch.tensor([m[k] for k in keys], dtype=torch.float64)).tolist())), applied
+    return m, applied
 
 
 def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0):
@@ -1143,35 +1239,71 @@ def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0):
     os.replace(work, out)
 
 
-def memory_plan(model, args, device):
-    """Print what training will hold (weights, LoRA + AdamW, activations, the risk terms' chunks) against the device's
-    free memory; on a CUDA device that cannot hold it, a one-line error naming the flags that help. The activation
-    figure is an estimate (about 16 values per token, layer and hidden unit kept for backward; 2 with
-    --gradient_checkpointing), so the check only refuses what is clearly too big."""
-    gb = 1024 ** 3
+def activation_bytes(model, args, rt):
+    """Bytes autograd keeps for backward from the policy pass of one pair (2 sequences of --max_length tokens),
+    counted, not assumed: one probe forward in train mode under the run's autocast, with saved-tensor hooks that add
+    up each distinct storage that is not a parameter. LoRA dropout, a 4-bit base's fp32 residual stream and the
+    attention kernel all show up as they are. Under --gradient_checkpointing the layers keep only their inputs, and
+    backward recomputes one layer at a time: the probe runs with checkpointing off and the plan keeps one layer's
+    share of it plus the inputs of every layer."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+        return t
+
+    body, _ = backbone_and_head(model)
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in layers:
+        m.gradient_checkpointing = False
+    was_training = model.training
+    model.train()
+    try:
+        ids = torch.zeros(2, args.max_length, dtype=torch.long, device=rt.device)
+        with rt.autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = body(input_ids=ids).last_hidden_state
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
+        model.train(was_training)
+    if args.gradient_checkpointing:
+        n = model.config.num_hidden_layers
+        return total / n + hidden.numel() * hidden.element_size() * n
+    return total
+
+
+def memory_plan(model, args, rt):
+    """Print what training will hold (weights, LoRA + AdamW, the measured activations, the risk terms' chunks) against
+    the memory this process can use (free on the device plus what it holds already, the model included); on a CUDA
+    device that cannot hold it, a one-line error naming the flags that help."""
+    gb, device = 1024 ** 3, rt.device
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16  # fp32 value, grad, Adam m and v
-    c = model.config
-    hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
     tokens = 2 * args.batch_size * args.max_length
-    element = 2 if args.load_in_4bit or resolve_dtype(args.dtype, device) != torch.float32 else 4
-    activations = tokens * hidden * layers * element * (2 if args.gradient_checkpointing else 16)
-    chunks = min(args.chunk_size, tokens) * vocab * 4 * 8  # fp32 logits of both models and their by-products
+    activations = args.batch_size * activation_bytes(model, args, rt)
+    chunks = min(args.chunk_size, tokens) * model.config.vocab_size * 4 * 8  # fp32 logits of both models, by-products
     need = weights + trainable + activations + chunks
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)  # the weights are placed
     else:
         with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    print(f"[memory] weights {weights / gb:.3g} GB, LoRA + AdamW {trainable / gb:.3g} GB, activations ~"
-          f"{activations / gb:.3g} GB ({args.batch_size} pairs x {args.max_length} tokens), risk-term chunks ~"
-          f"{chunks / gb:.3g} GB: about {need / gb:.3g} GB of {free / gb:.3g} GB free on {device}", flush=True)
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable")) + weights
+    print(f"[memory] weights {weights / gb:.3g} GB, LoRA + AdamW {trainable / gb:.3g} GB, activations "
+          f"{activations / gb:.3g} GB (measured: {args.batch_size} pairs x {args.max_length} tokens), risk-term chunks "
+          f"~{chunks / gb:.3g} GB: about {need / gb:.3g} GB of {free / gb:.3g} GB on {device}", flush=True)
     if device.type == "cuda" and need > free:
-        raise UsageError(f"about {need / gb:.1f} GB needed but {free / gb:.1f} GB free on {device}: try "
+        raise UsageError(f"about {need / gb:.1f} GB needed but {free / gb:.1f} GB available on {device}: try "
                          + ", ".join(f for f, on in (("--load_in_4bit", not args.load_in_4bit),
                                                      ("--gradient_checkpointing", not args.gradient_checkpointing),
                                                      (f"--batch_size {max(1, args.batch_size // 2)} with --grad_accum "
                                                       f"{2 * args.grad_accum}", args.batch_size > 1)) if on))
+    return need
 
 
 class Reporter:
@@ -1223,9 +1355,9 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt, adapte
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, total))
-    torch.manual_seed(args.seed)
     if rt.main:
-        memory_plan(model, args, rt.device)
+        memory_plan(model, args, rt)
+    torch.manual_seed(args.seed)  # after the plan's probe forward (its dropout draws), on every rank alike
     first_step, skipped = start_or_resume(model, opt, sched, args, cfg, rt, work)
     if rt.main:
         print(f"[train] {cfg['stage']} stage: {len(train_examples)} pairs, {total} steps of {args.batch_size} x "
@@ -1246,13 +1378,14 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt, adapte
 
     final_eval = run_eval(0) if first_step == 1 else None
     model.train()
+    loss_module = rt.wrap(PairLoss(model, lc))
     stream = global_batches(len(train_examples), args, rt.world, rt.rank, (first_step - 1) * args.grad_accum)
     window, start = [], time.time()
     bar = tqdm(range(first_step, total + 1), desc=f"{cfg['stage']} stage", file=sys.stdout, mininterval=1,
                disable=not rt.main, initial=first_step - 1, total=total)
     for step in bar:
         micro = (data.collate([train_examples[i] for i in next(stream)], pad) for _ in range(args.grad_accum))
-        m, applied = one_update(model, params, opt, sched, micro, args, lc, rt, step)
+        m, applied = one_update(loss_module, params, opt, sched, micro, args, rt, step)
         if not applied:
             skipped += 1
             tqdm.write(f"[train] step {step}: non-finite loss or gradient; batch skipped ({skipped} so far)",
@@ -1268,8 +1401,11 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, rt, adapte
         if step % args.eval_every == 0 and step != total:
             run_eval(step)
         if args.save_every and step % args.save_every == 0 and step != total:
+            state = {"skipped": skipped, "rng": rt.gather(rt.rng_state())}
+            if rt.scaler is not None:
+                state["scaler"] = rt.scaler.state_dict()
             if rt.main:
-                save_checkpoint(work, step, model, opt, sched, cfg, {"skipped": skipped}, args.save_total_limit)
+                save_checkpoint(work, step, model, opt, sched, cfg, state, args.save_total_limit)
             rt.barrier()
     bar.close()
     final_eval = run_eval(total) or final_eval

@@ -50,12 +50,10 @@ def run(args):
     if stage.check_output(args.out, cfg, args.overwrite):
         print(f"[train] {args.out}: already complete with this config; nothing to do")
         return
-    rt = stage.Runtime(args.precision)
+    rt = stage.Runtime(args.precision, args.deterministic)
     tokenizer = stage.load_tokenizer(args.sft, args.gguf_file, args.trust_remote_code, args.revision)
     train_examples, eval_examples = stage.prepare_data(args, tokenizer)
-    base = stage.load_base_model(args.sft, args.gguf_file, args.trust_remote_code, args.load_in_4bit, args.revision,
-                                 stage.resolve_dtype(args.dtype, rt.device), fp32_head=True)
-    model = stage.add_lora(base, args)
+    model = stage.add_lora(stage.training_base(args.sft, args.gguf_file, args.revision, args, rt), args)
     stage.train(model if args.load_in_4bit else model.to(rt.device), tokenizer, args, cfg, train_examples,
                 eval_examples, rt)
 

@@ -11,10 +11,10 @@ not the SFT model: the one-shot optimum of reward - lambda * cost factorises (RS
 so a second DPO-style stage from pi_r with temperature beta_s lands on the constrained optimum. `--beta` is beta_s
 (default 0.01, i.e. lambda = 10 at beta_r = 0.1); the implied lambda is printed and recorded.
 
-How pi_r is the reference: by default the reward stage's adapter is merged into the SFT weights in full precision
-and a new LoRA adapter is trained on top, so switching that adapter off gives exactly pi_r. Under --load_in_4bit or
-a 16-bit --dtype (or --reference_mode stack) merging into the quantised or 16-bit weights would round pi_r, so stage 1
-stays a frozen adapter named "reference" under the new one. Pairs are the harmlessness preferences
+How pi_r is the reference: the reward stage's adapter is loaded, frozen and without dropout, as an adapter named
+"reference" on the SFT base, and a new trainable LoRA adapter goes on top. The policy pass runs both adapters; the
+reference pass runs "reference" alone, in eval mode, so it is pi_r exactly, in every dtype: nothing is merged into
+16-bit or 4-bit weights, where rounding would move pi_r. Pairs are the harmlessness preferences
 (`safer_response_id`) by default, or the other preference from the reward stage's (RSA(S->H)). SACPO is both stages
 with --loss dpo.
 
@@ -52,26 +52,18 @@ def build_parser():
                         "safer after a helpfulness stage)")
     g.add_argument("--same_preference", action="store_true",
                    help="allow the reward stage's own preference again (refused by default: it is not RSA)")
-    g.add_argument("--reference_mode", default="merge", choices=("merge", "stack"),
-                   help="merge: stage 1 merged into the base in full precision, a new adapter on top; stack: stage 1 "
-                        "kept as a frozen adapter under the new one (always so with --load_in_4bit or a 16-bit "
-                        "--dtype, where merging would round)")
     return stage.add_shared_flags(p)
 
 
-def stacked_model(args, parent):
-    """Stage 1 kept as a frozen adapter (stage.REFERENCE_ADAPTER) under a new trainable one ("default"): the QLoRA
-    path, where merging into 4-bit weights would be lossy. The reference switches the new adapter off."""
+def stacked_model(args, parent, rt):
+    """pi_r as the SFT base with stage 1 as a frozen adapter (stage.REFERENCE_ADAPTER), and a new trainable one
+    ("default") above it. The reference switches the new adapter off."""
     from peft import PeftModel
 
-    if parent.get("parent"):
-        raise UsageError("--reference_mode stack supports a reward stage trained directly on its base model")
     path, gguf_file, revision = stage.base_of(args.reward_stage, parent)
-    base = stage.load_base_model(path, gguf_file, args.trust_remote_code, args.load_in_4bit, revision,
-                                 stage.resolve_dtype(args.dtype, stage.resolve_device()), fp32_head=True)
-    base = stage.prepare_base(base, args)
+    base = stage.prepare_base(stage.training_base(path, gguf_file, revision, args, rt), args)
     model = PeftModel.from_pretrained(base, args.reward_stage, adapter_name=stage.REFERENCE_ADAPTER,
-                                      is_trainable=False)
+                                      is_trainable=False, torch_device=str(next(base.parameters()).device))
     for module in model.modules():  # stage 1 is part of pi_r: no dropout in the frozen adapter, policy pass included
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -110,35 +102,28 @@ def run(args):
         raise UsageError(f"--sft {args.sft} is not the base model of {args.reward_stage} "
                          f"({parent['base_model']}): architectures or shapes differ")
     beta_r = None if plain else parent["args"]["beta"]
-    sixteen_bit = stage.resolve_dtype(args.dtype, stage.resolve_device()) != torch.float32
-    mode = "stack" if (args.load_in_4bit or sixteen_bit) and not plain else args.reference_mode
     base = args.reward_stage if plain else stage.base_of(args.reward_stage, parent)[0]
     cfg = stage.run_config(args, "safety", {
         "base_model": stage.recorded_path(base, args.out), "gguf_file": parent.get("gguf_file"),
         "revision": parent.get("revision"), "base_fingerprint": parent["base_fingerprint"],
         "parent": None if plain else stage.recorded_path(args.reward_stage, args.out), "parent_config": parent,
         "order": f"{parent['order'].split('->')[0]}->{LETTER[args.preference]}",
-        "reference": f"the model {args.reward_stage} itself" if plain else f"the reward-stage policy ({mode})",
-        "lambda": beta_r / args.beta if beta_r else None, "reference_mode": mode})
+        "reference": f"the model {args.reward_stage} itself" if plain else "the reward-stage policy (stage 1 as a "
+                     "frozen adapter)", "lambda": beta_r / args.beta if beta_r else None})
     if stage.check_output(args.out, cfg, args.overwrite):
         print(f"[train] {args.out}: already complete with this config; nothing to do")
         return
     print(f"[train] safety stage on {args.reward_stage} ({cfg['order']}): beta_s = {args.beta}" + (
         f" with beta_r = {beta_r}, so lambda = beta_r / beta_s = {beta_r / args.beta:g}" if beta_r else
         " (pi_r is a plain model: no beta_r, no lambda)"), flush=True)
-    rt = stage.Runtime(args.precision)
+    rt = stage.Runtime(args.precision, args.deterministic)
     tokenizer = stage.load_tokenizer(args.reward_stage, args.gguf_file, args.trust_remote_code, args.revision)
     train_examples, eval_examples = stage.prepare_data(args, tokenizer)
     if plain:  # an already helpful model plays pi_r: the new adapter sits directly on it
-        model = stage.add_lora(stage.load_base_model(args.reward_stage, args.gguf_file, args.trust_remote_code,
-                                                     args.load_in_4bit, args.revision,
-                                                     stage.resolve_dtype(args.dtype, rt.device), fp32_head=True), args)
+        model = stage.add_lora(stage.training_base(args.reward_stage, args.gguf_file, args.revision, args, rt), args)
         adapter = stage.model_adapter
     else:
-        if mode == "stack":
-            model = stacked_model(args, parent)
-        else:  # stage 1 merged in full precision: the frozen reference is the base under the new adapter
-            model = stage.add_lora(stage.load_policy(args.reward_stage, args.trust_remote_code), args)
+        model = stacked_model(args, parent, rt)
         reward_update = stage.read_adapter(args.reward_stage)
 
         def adapter(m):  # one adapter on the SFT base: stage 1's update and this stage's, concatenated in rank

@@ -110,7 +110,6 @@ def cases(e):
         (*r(str(e["tmp"])), "is a directory"),
         (reward_main, ["--sft", str(e["tmp"] / "no_model"), "--data", e["pairs"], "--out", e["reward"]], e["reward"],
          "no_model: no such model folder"),
-        *([] if CUDA else [(*r(e["pairs"], "--load_in_4bit"), "--load_in_4bit (QLoRA, nf4) needs a CUDA GPU")]),
         (*r(e["pairs"], "--loss", "dpo", "--risk_level", "0.9"), "--risk_level has no effect with --loss dpo"),
         (*r(e["pairs"], "--risk_measure", "cvar", "--risk_level", "0"), "must be in (0, 1]"),
         (*r(e["pairs"], "--risk_measure", "erm", "--split_vocab"), "--split_vocab applies to"),

@@ -278,6 +278,13 @@ def test_nested_q_matches_recursion_and_augmented_identity(measure, level, seed)
         assert torch.allclose(qaug[t], q[t] + before[t], atol=1e-12)
 
 
+def test_path_costs_before_stay_on_the_costs_device():
+    """On any device (meta here stands in for CUDA: a CPU tensor added to it fails the same way)."""
+    costs = [torch.zeros(3, device="meta"), torch.zeros(3, 3, device="meta"), torch.zeros(3, 3, 3, device="meta")]
+    before = risk.path_costs_before(costs)
+    assert [b.device.type for b in before] == ["meta"] * 3 and [b.shape for b in before] == [c.shape for c in costs]
+
+
 def test_nested_expectation_equals_expected_return_over_all_paths():
     costs, policies = random_tree(k=3, depth=4, seed=5)
     q = risk.nested_q_values(costs, policies, "expectation")
