@@ -2,7 +2,8 @@
 # make demo   the whole RSA pipeline on the toy world, into runs/demo
 # make readme  paste the demo's table into README.md (make check-readme: fail when they differ)
 # make study  RSA against SACPO and TDPO at matched helpfulness, and the dual loop against RSA(P); toy world, 5 seeds (not in CI)
-# make smoke-gpu   the pipeline on SmolLM2-135M-Instruct on one CUDA GPU, bf16 then 4-bit (stops without CUDA)
+# make smoke-gpu   one CUDA GPU: the toy pipeline in bf16 and 4-bit, a random 1B model's step speed and memory, --deterministic twice (stops without CUDA)
+# make bench  speed and memory of the risk terms and a training step; make bench-memory: the memory plan against measured peaks
 # make study-real  the Ra-DPO HH experiment in miniature on SmolLM2-135M-Instruct (1 h 52 min measured here; not in CI)
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint install demo readme check-readme study study-real smoke-gpu
+.PHONY: test lint install demo readme check-readme study study-real smoke-gpu bench bench-memory
 
 install: $(STAMP)
 
@@ -42,5 +43,10 @@ study-real: $(STAMP)
 	$(PY) study_real.py --out runs/study-real
 
 smoke-gpu: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-real.txt
-	PY=$(PY) bash smoke_gpu.sh
+	$(PY) smoke_gpu.py --out runs/smoke-gpu
+
+bench: $(STAMP)
+	$(PY) bench.py
+
+bench-memory: $(STAMP)
+	$(PY) bench.py --memory_plan

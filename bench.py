@@ -3,6 +3,7 @@
     python bench.py                 # about 8 minutes on 2 idle CPU cores; writes docs/bench/bench.json and bench.md
     python bench.py --quick         # smaller shapes, for a quick look
     python bench.py --profile       # which operators take a training step's time, per loss: docs/bench/profile.md
+    python bench.py --memory_plan   # the stages' memory plan against the measured peak: docs/bench/memory_plan.md
 
 Every time is a ratio against a baseline measured in the same process (one warm-up, then the median of
 --repeats); every peak memory comes from a subprocess of its own per configuration (a process's peak RSS never goes
@@ -221,8 +222,162 @@ def interleaved(fns, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def one(kind, config, shape):
+# ---------------------------------------------------------------------------------------------- 4. memory plan
+
+PLAN_CONFIGS = ["fp32", "bf16", "4bit", "fp32+gc"]  # base weights and compute; gc: --gradient_checkpointing
+PLAN_SIZES = [(256, 4), (512, 8)]  # (hidden, layers) of a random Llama, vocabulary 8192
+PLAN_BATCH = dict(batch_size=4, max_length=256)
+
+
+def plan_run(config, hidden, layers, folder):
+    """Load the saved random model as a stage loads its base (this config's dtype, 4-bit, checkpointing), print
+    the stage's memory plan, then train 2 steps: (plan bytes, peak RSS growth in bytes over the RSS before loading).
+    The peak is reset after the plan (clear_refs), so it is the training's own, weights included."""
+    import bitsandbytes  # noqa: F401  # every import a stage makes, before the baseline: libraries are not the plan's
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+
+    import stage
+
+    before = rss_mb()
+    args = argparse.Namespace(**vars(LORA), **PLAN_BATCH, chunk_size=256, grad_accum=1, loss_reduction="mean",
+                              max_grad_norm=1.0, skip_nonfinite=False, out=os.devnull, dtype="float32")
+    args.load_in_4bit, args.gradient_checkpointing = config == "4bit", config.endswith("+gc")
+    rt = stage.Runtime("bf16" if config in ("bf16", "4bit") else "fp32")
+    dtype = torch.bfloat16 if config == "bf16" else torch.float32
+    model = stage.load_base_model(os.path.join(folder, f"h{hidden}l{layers}"), load_in_4bit=args.load_in_4bit,
+                                  dtype=dtype, fp32_head=True, compute_dtype=rt.dtype or torch.float32)
+    model = stage.add_lora(model, args)
+    plan = stage.memory_plan(model, args, rt)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 8192, (2 * args.batch_size, args.max_length), generator=g)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, args.max_length // 4:] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": resp}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    module = stage.PairLoss(model, stage.LossConfig())  # ra_dpo2, cvar_radpo: the stages' default loss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak RSS restarts from here: the plan's probe and the load's transients are not counted
+    for step in (1, 2):  # the second step holds AdamW's state too
+        stage.one_update(module, params, opt, sched, [batch], args, rt, step)
+    return plan, (peak_mb() - before) * 2**20
+
+
+LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                num_key_value_heads=32, tie_word_embeddings=False, max_position_embeddings=512)
+
+
+def recipe_counts(config, layers, folder):
+    """For LLaMA-7B's shape cut to `layers` layers: (weights, LoRA + AdamW, saved bytes per pair, hidden bytes per
+    pair), as a stage holds them at 512 tokens (bf16 base or 4-bit, bf16 autocast, fp32 head)."""
+    import stage
+
+    args = argparse.Namespace(**vars(LORA), max_length=512)
+    args.load_in_4bit = config == "4bit"
+    rt = stage.Runtime("bf16")
+    model = stage.load_base_model(os.path.join(folder, f"l{layers}"), load_in_4bit=args.load_in_4bit,
+                                  dtype=torch.bfloat16, fp32_head=True, compute_dtype=torch.bfloat16)
+    model = stage.add_lora(model, args)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16
+    return [weights, trainable, *stage.saved_bytes(model, args, rt)]
+
+
+def recipes_7b():
+    """The plan of the 7B recipes (bf16 and QLoRA, with and without gradient checkpointing) at 512 tokens, and the
+    largest batch of pairs it fits in 24, 48 and 80 GB: the counts of 1- and 2-layer models of LLaMA-7B's shape,
+    extended to 32 layers (every layer is alike)."""
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import stage
+
+    gb, rows = 1024 ** 3, []
+    with tempfile.TemporaryDirectory() as folder:
+        for layers in (1, 2):
+            torch.manual_seed(0)
+            LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **LLAMA_7B)).to(torch.bfloat16).save_pretrained(
+                os.path.join(folder, f"l{layers}"))
+        for config in ("bf16", "4bit"):
+            one_layer, two_layers = (memory("recipe", config, (n,), extra=["--folder", folder])["counts"]
+                                     for n in (1, 2))
+            weights, trainable, saved = (a + 31 * (b - a) for a, b in zip(one_layer[:3], two_layers[:3]))
+            for gc in (False, True):
+                per_pair = stage.planned_activations(saved, one_layer[3], 32, gc)
+                fixed = weights + trainable + 256 * 32000 * 4 * 8  # the risk terms' chunks
+                fits = {budget: max(0, int((budget * gb - fixed) // per_pair)) for budget in (24, 48, 80)}
+                rows.append({"recipe": ("QLoRA (4-bit)" if config == "4bit" else "bf16 base") +
+                             (" + gradient checkpointing" if gc else ""), "fixed_gb": fixed / gb,
+                             "per_pair_gb": per_pair / gb, "fits": fits})
+    return rows
+
+
+def memory_plan_table(args):
+    """Each configuration and size in a process of its own: the plan, the measured peak, their ratio."""
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for hidden, layers in PLAN_SIZES:
+            torch.manual_seed(0)
+            LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                                         intermediate_size=int(hidden * 2.6875), tie_word_embeddings=False,
+                                         max_position_embeddings=512)).save_pretrained(
+                os.path.join(folder, f"h{hidden}l{layers}"))
+            for config in PLAN_CONFIGS:
+                r = memory("plan", config, (hidden, layers), extra=["--folder", folder])
+                rows.append({"config": config, "hidden": hidden, "layers": layers, **r,
+                             "ratio": r["peak_bytes"] / r["plan_bytes"]})
+                print(f"[bench] memory plan {config} h{hidden} l{layers}: plan {r['plan_bytes'] / 2**20:.0f} MB, "
+                      f"peak {r['peak_bytes'] / 2**20:.0f} MB, peak / plan {rows[-1]['ratio']:.2f}", flush=True)
+    import readme
+
+    b = PLAN_BATCH
+    lines = [f"Command: `python bench.py --memory_plan` ({os.cpu_count()} CPU threads, torch {torch.__version__}), at "
+             f"commit {readme.commit()}.", "",
+             f"The stages' memory plan (stage.memory_plan: weights, LoRA + AdamW, activations measured by a probe "
+             f"forward, the risk terms' chunks) against the peak RSS growth of 2 training steps (ra_dpo2, "
+             f"cvar_radpo), {b['batch_size']} pairs x {b['max_length']} tokens, random Llama, vocabulary 8192, LoRA "
+             "r 16 on all linear layers, each run in a process of its own (glibc returning freed blocks; the peak "
+             "counted from before the model loads, reset after the plan's probe):", "",
+             "| base | hidden x layers | plan (MB) | measured peak (MB) | peak / plan |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['hidden']} x {r['layers']} | {r['plan_bytes'] / 2**20:.0f} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {r['ratio']:.2f} |")
+    recipes = recipes_7b()
+    lines += ["", "The plan for LLaMA-7B (hidden 4096, 32 layers, vocabulary 32000) at 512 tokens per sequence, LoRA "
+              "r 16 on all linear layers, bf16 autocast: weights, LoRA + AdamW and the chunks (fixed), the "
+              "activations of one pair, and the largest --batch_size whose plan fits the memory (probe counts of "
+              "1- and 2-layer models of that shape on this CPU, extended to 32 layers; on a GPU the attention "
+              "kernel may differ):", "",
+              "| recipe | fixed (GB) | per pair (GB) | batch in 24 GB | in 48 GB | in 80 GB |",
+              "|---|---|---|---|---|---|"]
+    for r in recipes:
+        lines.append(f"| {r['recipe']} | {r['fixed_gb']:.1f} | {r['per_pair_gb']:.2f} | {r['fits'][24]} | "
+                     f"{r['fits'][48]} | {r['fits'][80]} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "memory_plan.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return rows
+
+
+def one(kind, config, shape, folder=None):
     """Run one configuration once in this (fresh) process and report its memory."""
+    if kind == "recipe":
+        print(json.dumps({"counts": recipe_counts(config, shape[0], folder)}))
+        return
+    if kind == "plan":
+        plan, peak = plan_run(config, *shape, folder)
+        print(json.dumps({"plan_bytes": plan, "peak_bytes": peak}))
+        return
     if kind == "risk":
         inputs = risk_inputs(*shape)
         before = rss_mb()
@@ -238,12 +393,12 @@ def one(kind, config, shape):
     print(json.dumps({"rss_before_mb": before, "peak_mb": peak_mb(), "growth_mb": peak_mb() - before}))
 
 
-def memory(kind, config, shape):
+def memory(kind, config, shape, extra=()):
     """Peak RSS growth of one configuration in a process of its own. glibc's malloc keeps freed memory for reuse
     (how much depends on the order of earlier allocations), which moved these peaks by hundreds of MB between runs;
     MALLOC_MMAP_THRESHOLD_=65536 maps every allocation of 64 KiB or more on its own and unmaps it when freed, so the
     peak RSS is the peak of live tensors (plus small allocations), the same to about 1 MB from run to run."""
-    out = subprocess.run([sys.executable, __file__, "--one", kind, config, "--shape", *map(str, shape)],
+    out = subprocess.run([sys.executable, __file__, "--one", kind, config, "--shape", *map(str, shape), *extra],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -277,12 +432,19 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="instead: which operators take a training step's time, per loss (torch.profiler), into "
                         "profile.md")
+    p.add_argument("--memory_plan", action="store_true",
+                   help="instead: the stages' memory plan against the measured peak for fp32, bf16, 4-bit and "
+                        "gradient-checkpointing runs at two sizes, into memory_plan.md")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--shape", nargs="+", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.one:
-        one(args.one[0], args.one[1], args.shape)
+        one(args.one[0], args.one[1], args.shape, args.folder)
+        return 0
+    if args.memory_plan:
+        memory_plan_table(args)
         return 0
     risk_shape = (4, 128, 32000) if args.quick else (16, 256, 32000)
     step_shape = (2, 128) if args.quick else (8, 256)

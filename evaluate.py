@@ -508,8 +508,8 @@ def run(args):
     kl_ref = kl_examples = None
     for name, folder in zip(names, args.policies):  # generate (and the KL) policy by policy; score after all
         print(f"[eval] {name}: {len(prompts)} prompts x {args.num_samples} samples", flush=True)
-        tok = stage.load_tokenizer(folder)
         model = stage.load_policy(folder, args.trust_remote_code, dtype).to(device)
+        tok = stage.load_tokenizer(folder)
         if name == names[0]:
             longest = max(len(tok(p["prompt"])["input_ids"]) for p in prompts)
             memory_line(model, device, args, len(prompts), longest)

@@ -46,7 +46,7 @@ NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every", "sav
 RADPO_PARITY = dict(loss="ra_dpo1", risk_measure="cvar_radpo", risk_level=0.95, split_vocab=True,
                     loss_reduction="sum", lr=5e-6, warmup_steps=150, max_grad_norm=5.0, max_length=512,
                     max_prompt_length=256)
-# In the stacked-adapter safety stage, the frozen reward-stage adapter carries this name; the loop finds the
+# In the safety stage, the frozen reward-stage adapter carries this name; the loop finds the
 # reference by looking for it in the model's peft config (as TRL looks for its "ref" adapter).
 REFERENCE_ADAPTER = "reference"
 
@@ -152,9 +152,9 @@ def base_of(folder, cfg=None):
 def load_policy(folder, trust_remote_code=False, dtype=torch.float32):
     """A finished stage's (or mixture's) policy: its recorded base with its one LoRA adapter, as stock peft loads it
     (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)). In fp32 the adapter is merged
-    into the weights (a plain transformers model); on a 16-bit base it stays an fp32 adapter beside them, as in
-    training, since folding an update about 1e-3 the size of the weights into bf16 rounds most of it away. Also
-    accepts a plain model folder, a hub name or a .gguf file."""
+    into the weights (a plain transformers model); on a 16-bit base it stays an fp32 adapter beside them, computed
+    as in training, not folded into 16-bit weights. Also accepts a plain model folder, a hub name or a .gguf
+    file."""
     from peft import PeftModel
 
     if not is_stage(folder):
@@ -789,9 +789,10 @@ class LossConfig:
 
 @contextlib.contextmanager
 def reference_context(model):
-    """The reference: the same weights with the trained adapter off (the SFT model in the reward stage, the merged
-    pi_r in the safety stage), or, when the model carries a frozen REFERENCE_ADAPTER (the stacked safety stage), that
-    adapter alone. In eval mode, so no dropout of any kind (LoRA or attention) touches the reference."""
+    """The reference: the same weights with the trained adapter off (the SFT model in the reward stage, or a plain
+    model that plays pi_r), or, when the model carries a frozen REFERENCE_ADAPTER (the safety stage: stage 1 on the
+    SFT base), that adapter alone. In eval mode, so no dropout of any kind (LoRA or attention) touches the
+    reference."""
     was_training = model.training
     model.eval()
     try:
@@ -812,7 +813,7 @@ def reference_context(model):
 
 def reference_head(model, head):
     """The reference's output projection. With LoRA on the head, the frozen base layer, plus the reference adapter's
-    own update when the model carries one (stacked mode keeps stage 1's change to the head)."""
+    own update when the model carries one (the safety stage keeps stage 1's change to the head)."""
     base = getattr(head, "base_layer", None)
     if base is None:
         return head
@@ -1239,13 +1240,12 @@ def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0):
     os.replace(work, out)
 
 
-def activation_bytes(model, args, rt):
-    """Bytes autograd keeps for backward from the policy pass of one pair (2 sequences of --max_length tokens),
-    counted, not assumed: one probe forward in train mode under the run's autocast, with saved-tensor hooks that add
-    up each distinct storage that is not a parameter. LoRA dropout, a 4-bit base's fp32 residual stream and the
-    attention kernel all show up as they are. Under --gradient_checkpointing the layers keep only their inputs, and
-    backward recomputes one layer at a time: the probe runs with checkpointing off and the plan keeps one layer's
-    share of it plus the inputs of every layer."""
+def saved_bytes(model, args, rt):
+    """(bytes autograd keeps for backward from the policy pass of one pair, bytes of its final hidden states):
+    counted, not assumed. One probe forward of 2 sequences of --max_length tokens in train mode under the run's
+    autocast, with saved-tensor hooks that add up each distinct storage that is not a parameter, so LoRA dropout, a
+    4-bit base's fp32 residual stream and the attention kernel all show up as they are. Gradient checkpointing is
+    off during the probe."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen, total = set(), 0
 
@@ -1272,10 +1272,19 @@ def activation_bytes(model, args, rt):
         for m in layers:
             m.gradient_checkpointing = True
         model.train(was_training)
-    if args.gradient_checkpointing:
-        n = model.config.num_hidden_layers
-        return total / n + hidden.numel() * hidden.element_size() * n
-    return total
+    return total, hidden.numel() * hidden.element_size()
+
+
+def planned_activations(saved, hidden, layers, checkpointing):
+    """Activation bytes per pair from the probe's counts. Under --gradient_checkpointing the layers keep only their
+    inputs and backward recomputes one layer at a time: one layer's share of the probe plus every layer's input.
+    Backward's own working set (the gradients of the layer it is in, before that layer's saved tensors are freed)
+    adds about one and a half layers' share: what `python bench.py --memory_plan` measured on top of the saved
+    tensors across its configurations (docs/bench/memory_plan.md)."""
+    working = 1.5 * saved / layers
+    if checkpointing:
+        return saved / layers + hidden * layers + working
+    return saved + working
 
 
 def memory_plan(model, args, rt):
@@ -1286,7 +1295,8 @@ def memory_plan(model, args, rt):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16  # fp32 value, grad, Adam m and v
     tokens = 2 * args.batch_size * args.max_length
-    activations = args.batch_size * activation_bytes(model, args, rt)
+    activations = args.batch_size * planned_activations(*saved_bytes(model, args, rt), model.config.num_hidden_layers,
+                                                        args.gradient_checkpointing)
     chunks = min(args.chunk_size, tokens) * model.config.vocab_size * 4 * 8  # fp32 logits of both models, by-products
     need = weights + trainable + activations + chunks
     if device.type == "cuda":

@@ -2,9 +2,9 @@
 
     # the toy world (python toy.py build --out worlds/toy first)
     python train_reward_stage.py --sft worlds/toy/sft --data worlds/toy/train.jsonl --out runs/demo/reward
-    # a real model on PKU-SafeRLHF, one GPU, QLoRA
+    # a real model on PKU-SafeRLHF, one 24 GB GPU, QLoRA (docs/bench/memory_plan.md: 12 pairs of 512 tokens fit)
     python train_reward_stage.py --sft PKU-Alignment/alpaca-7b-reproduced --data PKU-Alignment/PKU-SafeRLHF \\
-        --out runs/reward --load_in_4bit --batch_size 16 --grad_accum 2 --lr 2e-5 --epochs 3
+        --out runs/reward --load_in_4bit --gradient_checkpointing --batch_size 8 --grad_accum 4 --lr 2e-5 --epochs 3
 
 Policy and reference both start from the SFT model; the policy is a LoRA adapter on it and the reference is the
 same weights with the adapter switched off (no second model copy). Pairs are the helpfulness preferences

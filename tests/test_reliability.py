@@ -87,27 +87,48 @@ def test_gradient_checkpointing_gives_the_same_training(reference_run, tiny_worl
     assert same_weights(adapter(out), adapter(reference_run["out"]), atol=1e-5)
 
 
+def test_deterministic_runs_and_changes_nothing_on_the_cpu(reference_run, tiny_world):
+    """--deterministic (deterministic kernels only, for GPUs) trains, and on the CPU, deterministic already, gives
+    the uninterrupted run's weights bitwise."""
+    out = str(reference_run["tmp"] / "deterministic")
+    try:
+        assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out,
+                                                extra=["--deterministic"])) == 0
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)  # process-wide: the other tests run as users run
+    assert same_weights(adapter(out), adapter(reference_run["out"]))
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_two_processes_equal_one_process_over_the_same_global_batch(reduction, reference_run, tiny_world):
+LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
+             "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]}
+
+
+def launch(launcher, script, *argv):
+    """Two processes of `script` started the way users start them (on a CPU: gloo)."""
+    return subprocess.run([sys.executable, *LAUNCHERS[launcher], str(free_port()), script, *argv], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.parametrize("launcher,reduction", [("torchrun", "mean"), ("torchrun", "sum"), ("accelerate", "mean")])
+def test_two_processes_equal_one_process_over_the_same_global_batch(launcher, reduction, reference_run, tiny_world):
     """gloo, 2 ranks x 4 pairs against 1 process x 8 pairs: the same loss and weights (a broken gradient sync
     would give each rank its own weights), for a mean over pairs (gradients averaged over ranks) and a sum
-    (gradients added)."""
+    (gradients added), under torchrun and accelerate launch."""
     common = ["--lora_dropout", "0", "--save_every", "0", "--loss_reduction", reduction]
     one = str(reference_run["tmp"] / f"ddp1_{reduction}")
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], one, steps=3,
                                             extra=[*common, "--batch_size", "8"])) == 0
-    two = str(reference_run["tmp"] / f"ddp2_{reduction}")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), os.path.join(ROOT, "train_reward_stage.py"),
-                          *argv_for(tiny_world, reference_run["pairs"], two, steps=3,
-                                    extra=[*common, "--batch_size", "4"])],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    two = str(reference_run["tmp"] / f"ddp2_{launcher}_{reduction}")
+    run = launch(launcher, os.path.join(ROOT, "train_reward_stage.py"),
+                 *argv_for(tiny_world, reference_run["pairs"], two, steps=3, extra=[*common, "--batch_size", "4"]))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "x 2 process(es)" in run.stdout
     # float summation order differs between 1 and 2 ranks, and Adam turns that into differences of up to ~5e-5 in
@@ -213,26 +234,21 @@ def test_stage_1_keeps_no_lora_dropout_in_the_policy_pass(reference_run, tiny_wo
     assert torch.equal(policy, ref)
 
 
-def test_a_killed_two_process_run_resumes_to_its_uninterrupted_weights(reference_run, tiny_world):
-    """torchrun, 2 ranks on gloo: both killed in step 5, resumed from step 4's checkpoint (every rank's RNG state,
-    LoRA dropout on), bitwise equal to the uninterrupted 2-process run."""
-    def launch(script, *argv):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(free_port()), script, *argv], capture_output=True, text=True,
-                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_a_killed_two_process_run_resumes_to_its_uninterrupted_weights(launcher, reference_run, tiny_world):
+    """2 ranks on gloo: both killed in step 5, resumed from step 4's checkpoint (every rank's RNG state, LoRA
+    dropout on), bitwise equal to the uninterrupted 2-process run."""
     pairs = reference_run["pairs"]
-    common = ["--batch_size", "4"]
-    whole = str(reference_run["tmp"] / "ddp_whole")
-    run = launch(os.path.join(ROOT, "train_reward_stage.py"), *argv_for(tiny_world, pairs, whole, extra=common))
+    common, stage_script = ["--batch_size", "4"], os.path.join(ROOT, "train_reward_stage.py")
+    whole = str(reference_run["tmp"] / f"ddp_whole_{launcher}")
+    run = launch(launcher, stage_script, *argv_for(tiny_world, pairs, whole, extra=common))
     assert run.returncode == 0, run.stderr[-2000:]
-    killed = str(reference_run["tmp"] / "ddp_killed")
-    run = launch(os.path.join(ROOT, "tests", "faults.py"), "mid_step@5", *argv_for(tiny_world, pairs, killed,
-                                                                                   extra=common))
+    killed = str(reference_run["tmp"] / f"ddp_killed_{launcher}")
+    run = launch(launcher, os.path.join(ROOT, "tests", "faults.py"), "mid_step@5",
+                 *argv_for(tiny_world, pairs, killed, extra=common))
     assert run.returncode != 0 and not os.path.exists(killed)
     assert stage.latest_checkpoint(killed + ".tmp").endswith("step-00000004")
-    run = launch(os.path.join(ROOT, "train_reward_stage.py"), *argv_for(tiny_world, pairs, killed,
-                                                                         extra=[*common, "--resume"]))
+    run = launch(launcher, stage_script, *argv_for(tiny_world, pairs, killed, extra=[*common, "--resume"]))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "resuming from" in run.stdout
     assert same_weights(adapter(killed), adapter(whole))
