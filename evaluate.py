@@ -144,8 +144,6 @@ def load_score_model(path, trust_remote_code=False, dtype=torch.float32):
         return BeaverScore(body, score_head).eval()
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True, dtype=dtype,
                                                                trust_remote_code=trust_remote_code)
-    if model.config.pad_token_id is None:  # batches of several texts need it (the tokenizer pads with EOS)
-        model.config.pad_token_id = model.config.eos_token_id
     return model.eval()
 
 
@@ -193,6 +191,8 @@ class ModelScorer:
             model = load_score_model(path, self.trust, self.dtype).to(self.device)
             # beaver models were trained on prompt + answer + EOS and are read at that EOS (safe-rlhf)
             tok = self.tokenizers[key]
+            if not isinstance(model, BeaverScore) and model.config.pad_token_id is None:
+                model.config.pad_token_id = tok.pad_token_id  # the model finds each text's end by its padding
             suffix = tok.eos_token if isinstance(model, BeaverScore) else ""
             scores[key] = self.score_texts(model, tok, [t + suffix for t in texts])
             del model

@@ -315,6 +315,27 @@ def test_beaver_scores_are_read_at_the_appended_eos(tmp_path):
     assert half == pytest.approx(got, abs=0.05)  # bf16: 8 significant bits on scores of size ~1
 
 
+def test_a_classifier_score_model_without_a_pad_id_scores_batches(tmp_path):
+    """A sequence-classification score model whose config names no pad token is read at each text's end in a padded
+    batch (transformers refuses batches of more than one without it): the scores equal those of one text at a
+    time."""
+    from helpers import byte_tokenizer
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=32, num_labels=1, pad_token_id=None)
+    model = LlamaForSequenceClassification(config).eval()
+    path = tmp_path / "classifier"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    prompts, responses = ["hello world", "the user"], ["the assistant", "hello hello conversation world"]
+    got = [r["reward"] for r in evaluate.ModelScorer(str(path), None)(prompts, responses)]
+    one_by_one = [evaluate.ModelScorer(str(path), None)([p], [r])[0]["reward"] for p, r in zip(prompts, responses)]
+    assert got == pytest.approx(one_by_one, abs=1e-5) and got[0] != pytest.approx(got[1], abs=1e-4)
+
+
 def test_evaluate_on_cpu_in_bfloat16(trained, tiny_world, tmp_path, capsys):
     out = str(tmp_path / "bf16")
     assert evaluate.main(["--policies", trained["reward"], os.path.join(trained["mix"], "q0.3"), "--prompts",
