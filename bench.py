@@ -241,7 +241,7 @@ def plan_run(config, hidden, layers, folder):
 
     before = rss_mb()
     args = argparse.Namespace(**vars(LORA), **PLAN_BATCH, chunk_size=256, grad_accum=1, loss_reduction="mean",
-                              max_grad_norm=1.0, skip_nonfinite=False, out=os.devnull, dtype="float32")
+                              max_grad_norm=1.0, skip_nonfinite=False, out=os.devnull)
     args.load_in_4bit, args.gradient_checkpointing = config == "4bit", config.endswith("+gc")
     rt = stage.Runtime("bf16" if config in ("bf16", "4bit") else "fp32")
     dtype = torch.bfloat16 if config == "bf16" else torch.float32

@@ -134,10 +134,12 @@ def load_score_model(path, trust_remote_code=False, dtype=torch.float32):
         if "score_head.weight" not in head:
             raise UsageError(f"{path}: beaver score model without score_head weights (.safetensors or .bin)")
         try:
-            body = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=bool(files) or None,
-                                             trust_remote_code=trust_remote_code)
+            body, info = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=bool(files) or None,
+                                                   trust_remote_code=trust_remote_code, output_loading_info=True)
         except (OSError, ValueError) as e:
             raise UsageError(f"{path}: cannot load the score model ({str(e).splitlines()[0]})") from None
+        if info["missing_keys"]:  # transformers would leave them randomly initialised
+            raise UsageError(f"{path}: beaver score model is missing weights, e.g. {sorted(info['missing_keys'])[:3]}")
         score_head = torch.nn.Linear(config.hidden_size, getattr(config, "score_dim", 1),
                                      bias="score_head.bias" in head, dtype=dtype)
         score_head.load_state_dict({k.removeprefix("score_head."): v for k, v in head.items()})
@@ -174,9 +176,9 @@ class ModelScorer:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def score_texts(self, model, tok, texts):
+    def score_texts(self, model, tok, texts, desc):
         out = []
-        for s in range(0, len(texts), self.batch_size):
+        for s in tqdm(range(0, len(texts), self.batch_size), desc=desc, file=sys.stdout, mininterval=1):
             enc = tok(texts[s: s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
                       max_length=2048, add_special_tokens=True).to(self.device)
             res = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
@@ -194,7 +196,7 @@ class ModelScorer:
             if not isinstance(model, BeaverScore) and model.config.pad_token_id is None:
                 model.config.pad_token_id = tok.pad_token_id  # the model finds each text's end by its padding
             suffix = tok.eos_token if isinstance(model, BeaverScore) else ""
-            scores[key] = self.score_texts(model, tok, [t + suffix for t in texts])
+            scores[key] = self.score_texts(model, tok, [t + suffix for t in texts], f"scoring {key}")
             del model
             free_device_memory(self.device)
         return [{"reward": scores["reward"][i] if "reward" in scores else None,

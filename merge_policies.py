@@ -139,7 +139,7 @@ def run(args):
     if not todo:
         return
     tokenizer = stage.load_tokenizer(args.second if stage.is_stage(args.second) else args.first)
-    dtype = stage.DTYPES.get(args.dtype, torch.float32)  # what is saved; the mixing itself is fp32
+    dtype = stage.DTYPES[args.dtype]  # what is saved; the mixing itself is fp32
     second_model = None if adapters else stage.load_policy(args.second, args.trust_remote_code)
     for q in todo:
         folder = os.path.join(args.out, f"q{q:g}")
@@ -163,9 +163,8 @@ def main(argv=None):
                         help="weights of the FIRST policy, each in [0, 1] (SACPO's configs name 1 - q)")
     parser.add_argument("--out", required=True, help="folder that receives one subfolder per q")
     parser.add_argument("--merged", action="store_true", help="also write q*/merged/, the full merged model")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *stage.DTYPES),
-                        help="weights saved for --merged and full mixtures, computed in fp32 either way: auto is "
-                             "float32 on every host")
+    parser.add_argument("--dtype", default="float32", choices=tuple(stage.DTYPES),
+                        help="weights saved for --merged and full mixtures (computed in fp32 either way, on any host)")
     parser.add_argument("--overwrite", action="store_true", help="replace mixtures made from other parents")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     args = parser.parse_args(argv)

@@ -281,6 +281,10 @@ def test_beaver_score_model_format(tmp_path):
         hidden = body(input_ids=ids, attention_mask=attn).last_hidden_state
     want = torch.stack([head(hidden[0, 3]), head(hidden[1, 1])])[:, 0]  # read at the last non-pad token
     assert torch.allclose(got, want, atol=1e-6)
+    state.pop("model.norm.weight")  # a body weight missing: refused, not left randomly initialised
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    with pytest.raises(evaluate.UsageError, match="missing weights, e.g. \\['norm.weight'\\]"):
+        evaluate.load_score_model(str(path))
 
 
 def test_beaver_scores_are_read_at_the_appended_eos(tmp_path):
