@@ -27,26 +27,26 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	PY=$(PY) bash demo.sh
+	PY=$(PY) bash demo/run.sh
 
 readme: $(STAMP)
-	$(PY) readme.py
+	$(PY) -m demo.readme_table
 
 check-readme: demo
-	$(PY) readme.py --check
+	$(PY) -m demo.readme_table --check
 
 study: $(STAMP)
-	$(PY) study.py --out runs/study --jobs 2
+	$(PY) -m studies.matched --out runs/study --jobs 2
 
 study-real: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-real.txt
-	$(PY) study_real.py --out runs/study-real
+	$(PY) -m studies.real --out runs/study-real
 
 smoke-gpu: $(STAMP)
-	$(PY) smoke_gpu.py --out runs/smoke-gpu
+	$(PY) -m bench.smoke_gpu --out runs/smoke-gpu
 
 bench: $(STAMP)
-	$(PY) bench.py
+	$(PY) -m bench
 
 bench-memory: $(STAMP)
-	$(PY) bench.py --memory_plan
+	$(PY) -m bench --memory_plan

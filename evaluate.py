@@ -88,7 +88,7 @@ class ToyScorer:
     knows_severity = True
 
     def __call__(self, prompts, responses):
-        import toy
+        from toy import world as toy
 
         return [toy.score(p, r) for p, r in zip(prompts, responses)]
 

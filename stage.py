@@ -1279,7 +1279,7 @@ def planned_activations(saved, hidden, layers, checkpointing):
     """Activation bytes per pair from the probe's counts. Under --gradient_checkpointing the layers keep only their
     inputs and backward recomputes one layer at a time: one layer's share of the probe plus every layer's input.
     Backward's own working set (the gradients of the layer it is in, before that layer's saved tensors are freed)
-    adds about one and a half layers' share: what `python bench.py --memory_plan` measured on top of the saved
+    adds about one and a half layers' share: what `python -m bench --memory_plan` measured on top of the saved
     tensors across its configurations (docs/bench/memory_plan.md)."""
     working = 1.5 * saved / layers
     if checkpointing:

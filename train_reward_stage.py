@@ -1,6 +1,6 @@
 """Stage 1 of RSA: the reward (helpfulness) stage.
 
-    # the toy world (python toy.py build --out worlds/toy first)
+    # the toy world (python -m toy build --out worlds/toy first)
     python train_reward_stage.py --sft worlds/toy/sft --data worlds/toy/train.jsonl --out runs/demo/reward
     # a real model on PKU-SafeRLHF, one 24 GB GPU, QLoRA (docs/bench/memory_plan.md: 12 pairs of 512 tokens fit)
     python train_reward_stage.py --sft PKU-Alignment/alpaca-7b-reproduced --data PKU-Alignment/PKU-SafeRLHF \\

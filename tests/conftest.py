@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A seconds-sized toy world, for tests that only need plumbing."""
-    import toy
+    from toy import world as toy
 
     return toy.build(str(tmp_path_factory.mktemp("worlds") / "tiny"), size="tiny", seed=0)
 
@@ -19,6 +19,6 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def full_world(tmp_path_factory):
     """The full-size toy world (under a minute), built once per test session and shared."""
-    import toy
+    from toy import world as toy
 
     return toy.build(str(tmp_path_factory.mktemp("worlds") / "full"), size="full", seed=0)

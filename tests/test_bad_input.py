@@ -19,11 +19,11 @@ import data
 import evaluate
 import merge_policies
 import stage
-import study
-import study_real
-import toy
 import train_reward_stage
 import train_safety_stage
+from studies import matched as study
+from studies import real as study_real
+from toy import world as toy
 
 reward_main = train_reward_stage.main
 CUDA = torch.cuda.is_available()  # on a GPU host the CUDA-only flags are valid: those cases would start training
@@ -208,11 +208,12 @@ def test_enormous_rows_are_truncated_not_fatal(env, capsys):
     ("merge_policies.py", ["--first", "a", "--second", "b", "--q", "2", "--out", "z"], "must lie in [0, 1]"),
     ("evaluate.py", ["--policies", "/nonexistent/p", "--prompts", "x.json", "--out", "z"],
      "/nonexistent/p: no such policy folder"),
-    ("toy.py", ["build", "--out", "/dev/null/x", "--size", "tiny"], "toy.py: error:"),
+    ("toy", ["build", "--out", "/dev/null/x", "--size", "tiny"], "python -m toy: error:"),
 ])
 def test_each_script_exits_2_without_traceback(script, argv, message, tmp_path):
-    run = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
+    command = ["-m", script] if script == "toy" else [os.path.join(ROOT, script)]
+    run = subprocess.run([sys.executable, *command, *argv], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and message in run.stderr
     assert len([line for line in run.stderr.splitlines() if "error:" in line]) == 1

@@ -235,7 +235,7 @@ def test_carried_assets_are_the_published_files_and_load():
 def test_study_real_splits_the_carried_pairs(tmp_path):
     """study_real.py's data split on the repository's HH copy: 64 held-out and 2239 training rows, disjoint, fixed by
     the seed (what `make study-real` trains on)."""
-    import study_real
+    from studies import real as study_real
 
     train_file, held_file = study_real.split_pairs(data.HH_HARMLESS_TEST, str(tmp_path), 64, 0)
     train, held = data.load_pairs(train_file), data.load_pairs(held_file)

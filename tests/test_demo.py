@@ -1,4 +1,4 @@
-"""`make demo` in miniature: the same demo.sh with a tiny world and a few steps; every output loads."""
+"""`make demo` in miniature: the same demo/run.sh with a tiny world and a few steps; every output loads."""
 
 import json
 import os
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_pipeline_in_miniature(tmp_path):
     env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path / "demo"), WORLD=str(tmp_path / "world"),
                SIZE="tiny", STEPS="3", SAMPLES="2", QS="0.5 0.9")
-    run = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, capture_output=True, text=True,
+    run = subprocess.run(["bash", os.path.join(ROOT, "demo", "run.sh")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "demo"
@@ -25,20 +25,20 @@ def test_demo_pipeline_in_miniature(tmp_path):
     assert [r["policy"] for r in results] == ["sft", "reward", "safety", "q0.5", "q0.9"]
     assert all(set(evaluate.RESULT_KEYS) <= set(r) for r in results)
     assert (out / "report.md").stat().st_size > 0 and (out / "frontier.png").stat().st_size > 0
-    import readme
+    from demo import readme_table as readme
 
     rows = readme.report_table(str(out / "report.md")).splitlines()  # the table `make readme` pastes
     assert [r.split(" | ")[0] for r in rows[2:]] == ["| sft", "| reward", "| safety", "| q0.5", "| q0.9"]
     assert rows[2].endswith("| 0.500 |")  # the baseline's win rate against itself (ties count half)
     # a re-run reuses every finished step
-    again = subprocess.run(["bash", os.path.join(ROOT, "demo.sh")], env=env, capture_output=True, text=True,
+    again = subprocess.run(["bash", os.path.join(ROOT, "demo", "run.sh")], env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0
     assert again.stdout.count("already complete with this config") == 2 and "already built" in again.stdout
 
 
 def test_readme_table_is_pasted_from_the_report_and_checked(tmp_path, capsys):
-    import readme
+    from demo import readme_table as readme
 
     report = tmp_path / "report.md"
     report.write_text("# Evaluation report\n\n## Summary\n\n| policy | x |\n|---|---|\n| sft | 1.000 |\n\n## All\n\n"
@@ -60,7 +60,8 @@ def test_smoke_gpu_stops_with_one_line_without_cuda():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: make smoke-gpu runs for real")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "smoke_gpu.py"), "--out", os.devnull],
+    run = subprocess.run([sys.executable, "-m", "bench.smoke_gpu", "--out", os.devnull], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
-        "smoke_gpu.py: error: needs a CUDA GPU and this machine has none (make demo runs the pipeline on the CPU)"]
+        "python -m bench.smoke_gpu: error: needs a CUDA GPU and this machine has none (make demo runs the pipeline on "
+        "the CPU)"]

@@ -16,8 +16,8 @@ import data
 import evaluate
 import merge_policies
 import stage
-import study_real
 import train_safety_stage
+from studies import real as study_real
 
 gguf = pytest.importorskip("gguf")
 

@@ -11,9 +11,9 @@ from test_stages import FAST, subset
 import evaluate
 import merge_policies
 import stage
-import toy
 import train_reward_stage
 import train_safety_stage
+from toy import world as toy
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import evaluate
-import study
+from studies import matched as study
 
 
 def test_the_frontier_is_the_pareto_front_and_is_read_linearly():

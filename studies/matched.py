@@ -1,8 +1,8 @@
 """The study: at matched helpfulness, does risk-aware stepwise alignment suppress the tail better than SACPO? And for a
 budget on tail harm, what does the dual loop (CAID) buy over a fixed lambda and over RSA(P)?
 
-    python study.py --out runs/study --jobs 2      # or: make study   (resumable; not part of CI)
-    python study.py --out runs/study --report      # only the analysis, from the evaluations on disk
+    python -m studies.matched --out runs/study --jobs 2      # or: make study   (resumable; not part of CI)
+    python -m studies.matched --out runs/study --report      # only the analysis, from the evaluations on disk
 
 On the toy world (fixed: seed 0) and for 5 training seeds:
   1. frontiers by strength: each method (SACPO = DPO in both stages, TDPO = the expectation, RSA with the authors'
@@ -35,12 +35,12 @@ import torch
 import dual_alignment
 import evaluate
 import merge_policies
-import readme
 import risk
 import stage
-import toy
 import train_reward_stage
 import train_safety_stage
+from demo import readme_table as readme
+from toy import world as toy
 
 METHODS = {
     "sacpo": ["--loss", "dpo"],
@@ -351,8 +351,9 @@ def analyse(s, seeds):
         for metric in LOWER_IS_BETTER:
             tables[family, metric] = torch.tensor([matched_values(mm, cols, metric, levels) for mm, _ in means])
     lines = ["# RSA against SACPO and TDPO at matched helpfulness (toy world)", "",
-             f"Command: `make study` (`python study.py --out runs/study`) at commit {readme.commit()}. Training seeds "
-             f"{seeds}; every policy sampled {s.samples} times on each of the {len(order)} held-out prompts with the "
+             f"Command: `make study` (`python -m studies.matched --out runs/study`) at commit {readme.commit()}. "
+             f"Training seeds {seeds}; every policy sampled {s.samples} times on each of the {len(order)} held-out "
+             f"prompts with the "
              f"evaluation seed = the training seed; scores are the toy world's ground truth. Each method: reward stage "
              f"(beta_r {BETA_R}), safety stages at beta_s {', '.join(f'{b:g}' for b in BETAS)} (lambda "
              f"{', '.join(f'{BETA_R / b:g}' for b in BETAS)}), mixtures q {', '.join(f'{q:g}' for q in QS)} of the "
@@ -543,7 +544,8 @@ def plot_matched(s, names, means, sft, levels, read):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m studies.matched", description=__doc__,
+                                formatter_class=stage.HelpFormatter)
     p.add_argument("--out", default="runs/study", help="output folder (resumable)")
     p.add_argument("--world", default="worlds/toy", help="toy world folder (built if missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
@@ -559,7 +561,7 @@ def main(argv=None):
         if any(seed < 0 for seed in args.seeds):
             raise stage.UsageError(f"--seeds must be 0 or more, got {args.seeds}")
     except stage.UsageError as e:
-        print(f"study.py: error: {e}", file=sys.stderr)
+        print(f"python -m studies.matched: error: {e}", file=sys.stderr)
         return 2
     s = Study(os.path.abspath(args.out), os.path.abspath(args.world), args.steps, args.samples)
     if not args.report:
@@ -576,13 +578,13 @@ def main(argv=None):
             run_all(jobs, args.jobs)
             run_all(later, args.jobs)
         except RuntimeError as e:
-            print(f"study.py: error: {e}", file=sys.stderr)
+            print(f"python -m studies.matched: error: {e}", file=sys.stderr)
             return 1
     try:
         analyse(s, args.seeds)
     except FileNotFoundError as e:
-        print(f"study.py: error: {e.filename}: missing; run the study's sweep (without --report) for seeds "
-              f"{args.seeds} first", file=sys.stderr)
+        print(f"python -m studies.matched: error: {e.filename}: missing; run the study's sweep (without --report) "
+              f"for seeds {args.seeds} first", file=sys.stderr)
         return 2
     return 0
 

@@ -1,7 +1,7 @@
 """make smoke-gpu: what one CUDA GPU does with the pipeline, with nothing downloaded (prepared to finish inside 8
 minutes on one GPU; its CPU check, `--cpu_check`, takes 2 minutes here; not yet run on a GPU).
 
-    python smoke_gpu.py --out runs/smoke-gpu     # writes report.md and report.json there
+    python -m bench.smoke_gpu --out runs/smoke-gpu     # writes report.md and report.json there
 
 1. The toy pipeline (reward stage, safety stage, RSA(P), evaluation) through the real scripts, in bf16 and with
    --load_in_4bit: finished or not, with the error's last line if not.
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = ["dpo", "ra_dpo2/expectation", "ra_dpo2/cvar_radpo", "ra_dpo2/cvar", "ra_dpo2/erm"]
 LEVELS = {"cvar_radpo": 0.95, "cvar": 0.25, "erm": 2.0}
 
@@ -203,7 +203,8 @@ def report(result, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.smoke_gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/smoke-gpu", help="where the runs and report.md go")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per toy stage")
     p.add_argument("--speed_steps", type=int, default=5, help="timed steps per loss (after one warm-up)")
@@ -211,18 +212,18 @@ def main(argv=None):
                    help="run every part on the CPU at tiny sizes (a check of the script itself, not a measurement)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_check:
-        print("smoke_gpu.py: error: needs a CUDA GPU and this machine has none (make demo runs the pipeline on the "
-              "CPU)", file=sys.stderr)
+        print("python -m bench.smoke_gpu: error: needs a CUDA GPU and this machine has none (make demo runs the "
+              "pipeline on the CPU)", file=sys.stderr)
         return 2
     sys.path.insert(0, ROOT)
-    import toy
+    from toy import world as toy
 
     os.makedirs(args.out, exist_ok=True)
     world = os.path.join(args.out, "world")
     if not os.path.exists(os.path.join(world, "train.jsonl")):
         toy.build(world, size="tiny" if args.cpu_check else "full", seed=0)
     size, pairs, length = ("tiny", 2, 64) if args.cpu_check else ("1b", 8, 512)
-    result = {"machine": machine(), "command": " ".join(["python", "smoke_gpu.py", *(argv or sys.argv[1:])]),
+    result = {"machine": machine(), "command": " ".join(["python", "-m", "bench.smoke_gpu", *(argv or sys.argv[1:])]),
               "toy": [], "speed": []}
     for mode in ("bf16", "4bit"):
         result["toy"] += toy_pipeline(args.out, world, mode, args.steps)

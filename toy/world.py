@@ -1,7 +1,7 @@
 """The toy world: an offline safety-alignment problem whose true reward and cost are known.
 
-    python toy.py build --out worlds/toy            # full world (about a minute on 2 CPU cores)
-    python toy.py build --out worlds/tiny --size tiny   # seconds; for plumbing tests
+    python -m toy build --out worlds/toy            # full world (about a minute on 2 CPU cores)
+    python -m toy build --out worlds/tiny --size tiny   # seconds; for plumbing tests
 
 A small language of prompts in the PKU template, from 6 benign topics and the 8 harm categories of the SACPO/RSA
 red-team set, and a stochastic grammar of responses: on-topic steps, off-topic steps, hedges, refusals, and harm,
@@ -330,8 +330,8 @@ def build(out, size="full", seed=0, overwrite=False, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build the toy world (data, tokenizer, SFT model).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m toy", description="Build the toy world (data, tokenizer, SFT "
+                                     "model).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a world into a folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -343,7 +343,7 @@ def main(argv=None):
     try:
         build(args.out, args.size, args.seed, args.overwrite)
     except (OSError, ValueError) as e:
-        print(f"toy.py: error: {e}", file=sys.stderr)
+        print(f"python -m toy: error: {e}", file=sys.stderr)
         return 2
     return 0
 

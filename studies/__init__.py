@@ -1,0 +1,1 @@
+"""The studies: RSA against its baselines on the toy world (matched.py) and on a small real model (real.py)."""

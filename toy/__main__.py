@@ -1,0 +1,5 @@
+import sys
+
+from toy.world import main
+
+sys.exit(main())
