@@ -25,6 +25,8 @@ import csv
 import gzip
 import json
 import os
+import random
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -442,3 +444,58 @@ def collate(examples, pad_token_id=0):
         attention_mask[i, : len(seq)] = 1
         response_mask[i, start: len(seq)] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def batch_order(n_examples, batch_size, seed, world=1, rank=0, start=0):
+    """Index lists, one micro-batch for this rank each, from global micro-batch `start` on. The order is a fixed
+    function of the seed and the epoch (not of the batch size or the number of processes), so a resumed run sees
+    what an uninterrupted one would, and R ranks x B pairs see what one process with R x B pairs would."""
+    size = batch_size * world
+    per_epoch = max(1, n_examples // size)
+    for micro in range(start, sys.maxsize):
+        epoch, k = divmod(micro, per_epoch)
+        order = list(range(n_examples))
+        random.Random(seed * 100003 + epoch).shuffle(order)
+        yield order[k * size: (k + 1) * size][rank * batch_size: (rank + 1) * batch_size]
+
+
+def add_flags(g):
+    """The data flags of both stages (into an argparse group; each stage adds its own --preference)."""
+    g.add_argument("--data", required=True,
+                   help="preference data: a local jsonl/json/jsonl.gz/parquet/csv file, a save_to_disk folder, or a "
+                        "hub name (PKU-Alignment/PKU-SafeRLHF, Anthropic/hh-rlhf); PKU, HH, plain (prompt, chosen, "
+                        "rejected) and TRL's conversational rows are recognised")
+    g.add_argument("--data_dir", default=None, help="hub data_dir (e.g. harmless-base for Anthropic/hh-rlhf)")
+    g.add_argument("--data_config", default=None, help="hub config name of --data (and --eval_data)")
+    g.add_argument("--split", default="train", help="hub split")
+    g.add_argument("--schema", default=None, choices=SCHEMAS, help="force the schema (default: detect)")
+    g.add_argument("--eval_data", default=None, help="held-out pairs (default: --eval_pairs split off --data)")
+    g.add_argument("--eval_split", default="test", help="hub split of --eval_data")
+    g.add_argument("--eval_pairs", type=int, default=64, help="held-out pairs evaluated (split off if no --eval_data)")
+    g.add_argument("--strict", action="store_true", help="treat dropped rows as errors")
+    g.add_argument("--max_length", type=int, default=512, help="prompt + response tokens")
+    g.add_argument("--max_prompt_length", type=int, default=128, help="prompt tokens kept (from the end)")
+    g.add_argument("--prompt_format", default="auto", choices=PROMPT_FORMATS,
+                   help="auto: the tokenizer's chat template if it has one, else raw text for HH dialogues and the PKU "
+                        "template for the rest")
+
+
+def train_and_held_out(args, tokenizer):
+    """Tokenised (train, held-out) examples of a stage's data flags, with every drop counted."""
+    pairs = load_pairs(args.data, args.preference, args.schema, args.split, args.data_dir, args.strict,
+                       args.data_config)
+    if args.eval_data:
+        held = load_pairs(args.eval_data, args.preference, args.schema, args.eval_split, args.data_dir, args.strict,
+                          args.data_config)[: args.eval_pairs]
+    else:
+        pairs = pairs[:]
+        random.Random(args.seed).shuffle(pairs)
+        n_held = min(args.eval_pairs, len(pairs) // 10)
+        held, pairs = pairs[:n_held], pairs[n_held:]
+        print(f"[data] held out {n_held} of the training pairs for evaluation (no --eval_data)")
+    options = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                   prompt_format=args.prompt_format, strict=args.strict)
+    train = tokenize_pairs(pairs, tokenizer, source=args.data, **options)
+    if not train:
+        raise DataError(f"{args.data}: no training pairs left after filtering")
+    return train, tokenize_pairs(held, tokenizer, source=args.eval_data or args.data, **options)

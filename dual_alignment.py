@@ -30,15 +30,15 @@ import shutil
 import sys
 
 import evaluate
-import stage
+import outputs
 import train_safety_stage
-from stage import UsageError
+from outputs import UsageError
 
 CONSTRAINTS = ("mean_cost", "cvar_cost_0.1", "cvar_cost_0.05", "severe_harm_rate")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="dual_alignment.py", description=__doc__, formatter_class=stage.HelpFormatter)
+    p = argparse.ArgumentParser(prog="dual_alignment.py", description=__doc__, formatter_class=outputs.HelpFormatter)
     p.add_argument("--reward_stage", required=True, help="pi_r: the reward stage's output folder")
     p.add_argument("--data", required=True, help="harmlessness preference pairs for the safety stages")
     p.add_argument("--prompts", required=True, help="held-out evaluation prompts (evaluate.py's --prompts)")
@@ -59,7 +59,7 @@ def build_parser():
 
 def parse(argv):
     args, stage_flags = build_parser().parse_known_args(argv)
-    stage.check_ranges(args, positive=("iterations", "dual_lr", "num_samples", "max_new_tokens"),
+    outputs.check_ranges(args, positive=("iterations", "dual_lr", "num_samples", "max_new_tokens"),
                        non_negative=("lambda_init",))
     if any(f == "--beta" or f.startswith("--beta=") for f in stage_flags):
         raise UsageError("--beta: the loop sets beta_s = beta_r / lambda itself; drop the flag")
@@ -81,7 +81,7 @@ def iteration(k, lam, beta_r, args, stage_flags):
     beta = None if lam == 0 else beta_r / lam
     if lam > 0:
         argv = ["--reward_stage", args.reward_stage, "--data", args.data, "--out", policy, "--beta", repr(beta),
-                "--seed", str(args.seed), *stage_flags, *stage.continue_flags(policy)]
+                "--seed", str(args.seed), *stage_flags, *outputs.continue_flags(policy)]
         if train_safety_stage.main(argv) != 0:
             raise UsageError(f"the safety stage of iteration {k} failed (its error is above)")
     eval_out = os.path.join(folder, "eval")
@@ -99,11 +99,11 @@ def iteration(k, lam, beta_r, args, stage_flags):
         raise UsageError(f"--constraint {args.constraint}: the scorer gives no value for it")
     return {"iteration": k, "lambda": lam, "beta": beta, "constraint": res[args.constraint], "budget": args.budget,
             "meets_budget": res[args.constraint] <= args.budget, "mean_reward": res["mean_reward"],
-            **{m: res[m] for m in CONSTRAINTS}, "policy": stage.recorded_path(policy, args.out)}
+            **{m: res[m] for m in CONSTRAINTS}, "policy": outputs.recorded_path(policy, args.out)}
 
 
 def run(args, stage_flags):
-    parent = stage.read_stage(args.reward_stage)
+    parent = outputs.read_stage(args.reward_stage)
     if parent["stage"] != "reward":
         raise UsageError(f"{args.reward_stage}: is a {parent['stage']} stage output; pass the reward stage's")
     beta_r = parent["args"]["beta"]
@@ -137,21 +137,19 @@ def run(args, stage_flags):
         print(f"[dual] no iterate met the budget; see {trace_file}")
         return
     best = max(feasible, key=lambda r: r["mean_reward"])
-    stage.copy_output(stage.resolved_path(best["policy"], args.out), final)
+    outputs.copy_output(outputs.resolved_path(best["policy"], args.out), final)
     write_json(os.path.join(args.out, "final.json"), {"met_budget": True, **best})
     print(f"[dual] final: iteration {best['iteration']} (lambda {best['lambda']:g}): {args.constraint} "
           f"{best['constraint']:.4f}, mean reward {best['mean_reward']:.4f} -> {final}")
 
 
 def main(argv=None):
-    try:
+    def parse_and_run(argv):
         args, stage_flags = parse(argv)
-        with stage.output_lock(args.out):
+        with outputs.output_lock(args.out):
             run(args, stage_flags)
-    except UsageError as e:
-        print(f"dual_alignment.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return outputs.run_script("dual_alignment.py", parse_and_run, argv)
 
 
 if __name__ == "__main__":

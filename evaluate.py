@@ -29,9 +29,10 @@ import torch
 from tqdm import tqdm
 
 import data
+import outputs
 import risk
 import stage
-from stage import UsageError
+from outputs import UsageError
 
 RESULT_KEYS = ("policy", "q", "num_samples", "mean_reward", "mean_cost", "safe_rate", "cvar_cost_0.1",
                "cvar_cost_0.05", "severe_harm_rate")
@@ -114,7 +115,7 @@ def load_score_model(path, trust_remote_code=False, dtype=torch.float32):
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    if not os.path.isdir(path) and not stage.is_hub_name(path):
+    if not os.path.isdir(path) and not outputs.is_hub_name(path):
         raise UsageError(f"{path}: no such score-model folder (or hub id)")
     if not os.path.isdir(path):  # a hub id: fetch the folder once (safetensors or .bin weights, config, tokenizer)
         from huggingface_hub import snapshot_download
@@ -299,7 +300,7 @@ def sequential_kl_on_pairs(model, reference, examples, pad_id, batch_size=8, chu
 
 def policy_q(folder):
     """The q of an RSA(P) mixture (an adapter mixture's rsa_config.json, or a full mixture's marker), else None."""
-    for name in (stage.CONFIG_FILE, "rsa_mixture.json"):
+    for name in (outputs.CONFIG_FILE, "rsa_mixture.json"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             with open(path) as f:
@@ -442,7 +443,7 @@ def load_prompt_set(source, split):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=outputs.HelpFormatter)
     p.add_argument("--policies", nargs="+", required=True,
                    help="policies: stage outputs, mixtures, model folders, hub names or .gguf files")
     p.add_argument("--prompts", default="redteam",
@@ -478,8 +479,23 @@ def build_parser():
     return p
 
 
+def resolve_device(spec="auto"):
+    """auto: the first CUDA device when there is one, else the CPU; cuda / cuda:N checked to exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: this machine has no CUDA device (use --device cpu or auto)")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def run(args):
-    stage.check_ranges(args, positive=("num_samples", "max_new_tokens", "batch_size", "temperature", "top_p"),
+    outputs.check_ranges(args, positive=("num_samples", "max_new_tokens", "batch_size", "temperature", "top_p"),
                        non_negative=("max_prompts",))
     if args.top_p > 1:
         raise UsageError(f"--top_p must lie in (0, 1], got {args.top_p}")
@@ -491,12 +507,12 @@ def run(args):
     if len(set(names)) != len(names):
         raise UsageError(f"policy folder names must be distinct (they name the results): {names}")
     for p in args.policies:
-        if not os.path.exists(p) and not stage.is_hub_name(p):
+        if not os.path.exists(p) and not outputs.is_hub_name(p):
             raise UsageError(f"{p}: no such policy folder or model file")
     prompts = load_prompt_set(args.prompts, args.prompts_split)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
-    device = stage.resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = stage.resolve_dtype(args.dtype, device)
     print(f"[eval] policies and score models on {device} in {str(dtype).removeprefix('torch.')}", flush=True)
     scorer = (ToyScorer() if args.scorer == "toy" else
@@ -505,6 +521,7 @@ def run(args):
     baseline = os.path.basename(os.path.normpath(args.baseline or args.policies[0]))
     if baseline not in names:
         raise UsageError(f"--baseline {args.baseline}: not one of --policies")
+    args.policies = [outputs.gguf_folder(p) for p in args.policies]  # a .gguf file becomes a model folder, once
     os.makedirs(args.out, exist_ok=True)
     all_records, results = {}, []
     kl_ref = kl_examples = None
@@ -580,13 +597,12 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        with stage.output_lock(args.out):
+
+    def locked_run(_):
+        with outputs.output_lock(args.out):
             run(args)
-    except (UsageError, data.DataError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return outputs.run_script("evaluate.py", locked_run)
 
 
 if __name__ == "__main__":

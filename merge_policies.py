@@ -29,23 +29,24 @@ import sys
 
 import torch
 
+import outputs
 import stage
-from stage import UsageError
+from outputs import UsageError
 
 MIXTURE_FILE = "rsa_mixture.json"  # the marker of a full-weight mixture (parents on different bases)
 
 
 def parent(path):
-    """(description, (base, gguf file, revision), LoRA blocks or None): a stage output is its base plus its adapter;
+    """(description, (base, revision), LoRA blocks or None): a stage output is its base plus its adapter;
     a plain model is a base with no update of its own."""
-    if stage.is_stage(path):
-        cfg = stage.read_stage(path)
-        return cfg, stage.base_of(path, cfg), stage.read_adapter(path)
-    return stage.plain_model(path), (path, None, None), None
+    if outputs.is_stage(path):
+        cfg = outputs.read_stage(path)
+        return cfg, outputs.base_of(path, cfg), outputs.read_adapter(path)
+    return outputs.plain_model(path), (path, None), None
 
 
 def same_base(a, b):
-    key = lambda m: (os.path.abspath(m[0]) if os.path.exists(m[0]) else m[0], m[1], m[2])  # noqa: E731
+    key = lambda m: (os.path.abspath(m[0]) if os.path.exists(m[0]) else m[0], m[1])  # noqa: E731
     return key(a) == key(b)
 
 
@@ -55,20 +56,20 @@ def mixture_adapter(first, second, q, exact):
     if exact:
         r1 = next(iter(first.values()))[0].shape[0]
         return {n: (a, torch.cat([b[:, :r1], (1 - q) * b[:, r1:]], dim=1)) for n, (a, b) in second.items()}
-    return stage.concat_adapters([(c, blocks) for c, blocks in ((q, first), (1 - q, second)) if blocks])
+    return outputs.concat_adapters([(c, blocks) for c, blocks in ((q, first), (1 - q, second)) if blocks])
 
 
 def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged, dtype):
-    cfg = {"stage": "mixture", "base_model": stage.recorded_path(base[0], folder), "gguf_file": base[1],
-           "revision": base[2], **note, "first": stage.recorded_path(note["first"], folder),
-           "second": stage.recorded_path(note["second"], folder), "q": q}
+    cfg = {"stage": "mixture", "base_model": outputs.recorded_path(base[0], folder), "revision": base[1], **note,
+           "first": outputs.recorded_path(note["first"], folder),
+           "second": outputs.recorded_path(note["second"], folder), "q": q}
     os.makedirs(tmp)
-    stage.write_adapter(tmp, blocks, cfg["base_model"])
+    outputs.write_adapter(tmp, blocks, cfg["base_model"])
     tokenizer.save_pretrained(tmp)
-    stage.write_model_card(tmp, cfg)
-    with open(os.path.join(tmp, stage.CONFIG_FILE), "w") as f:
+    outputs.write_model_card(tmp, cfg)
+    with open(os.path.join(tmp, outputs.CONFIG_FILE), "w") as f:
         json.dump(cfg, f, indent=1)
-    with open(os.path.join(tmp, stage.COMPLETE_FILE), "w") as f:  # written last: the completeness marker
+    with open(os.path.join(tmp, outputs.COMPLETE_FILE), "w") as f:  # written last: the completeness marker
         json.dump({"q": q}, f)
     if merged:  # the full model, for serving: the base plus this adapter, merged in fp32, saved in `dtype`
         stage.load_policy(tmp).to(dtype).save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
@@ -97,12 +98,13 @@ def write_full_mixture(tmp, args, second_model, q, tokenizer, note, dtype):
 def finished(folder, q, mode, first, second):
     """True when `folder` already holds this mixture of these parents, None when it holds something else, False when
     it does not exist."""
-    for name in (stage.CONFIG_FILE, MIXTURE_FILE):
+    for name in (outputs.CONFIG_FILE, MIXTURE_FILE):
         path = os.path.join(folder, name)
-        if os.path.exists(path) and (name == MIXTURE_FILE or os.path.exists(os.path.join(folder, stage.COMPLETE_FILE))):
+        done = os.path.exists(os.path.join(folder, outputs.COMPLETE_FILE))
+        if os.path.exists(path) and (name == MIXTURE_FILE or done):
             with open(path) as f:
                 have = json.load(f)
-            parents = [os.path.abspath(stage.resolved_path(have.get(k), folder) or "") for k in ("first", "second")]
+            parents = [os.path.abspath(outputs.resolved_path(have.get(k), folder) or "") for k in ("first", "second")]
             return (have.get("q"), have.get("mode")) == (q, mode) and parents == [os.path.abspath(first),
                                                                                   os.path.abspath(second)]
     return None if os.path.exists(folder) else False
@@ -112,11 +114,12 @@ def run(args):
     for q in args.q:
         if not 0.0 <= q <= 1.0:
             raise UsageError(f"--q {q:g}: each q must lie in [0, 1] (the weight of the first-stage policy)")
+    args.first, args.second = outputs.gguf_folder(args.first), outputs.gguf_folder(args.second)
     first_info, first_base, first_blocks = parent(args.first)
     second_info, second_base, second_blocks = parent(args.second)
     adapters = same_base(first_base, second_base) and (first_blocks or second_blocks)
     exact = bool(adapters and first_blocks and second_info.get("parent")
-                 and os.path.abspath(stage.resolved_path(second_info["parent"], args.second))
+                 and os.path.abspath(outputs.resolved_path(second_info["parent"], args.second))
                  == os.path.abspath(args.first))
     note = {"first": os.path.abspath(args.first), "second": os.path.abspath(args.second),
             "order": second_info.get("order") or first_info.get("order"),
@@ -138,7 +141,7 @@ def run(args):
         todo.append(q)
     if not todo:
         return
-    tokenizer = stage.load_tokenizer(args.second if stage.is_stage(args.second) else args.first)
+    tokenizer = stage.load_tokenizer(args.second if outputs.is_stage(args.second) else args.first)
     dtype = stage.DTYPES[args.dtype]  # what is saved; the mixing itself is fp32
     second_model = None if adapters else stage.load_policy(args.second, args.trust_remote_code)
     for q in todo:
@@ -156,7 +159,8 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=stage.HelpFormatter)
+    parser = argparse.ArgumentParser(prog="merge_policies.py", description=__doc__,
+                                     formatter_class=outputs.HelpFormatter)
     parser.add_argument("--first", required=True, help="first-stage policy (RSA(H->S): the reward stage's output)")
     parser.add_argument("--second", required=True, help="second-stage policy (RSA(H->S): the safety stage's output)")
     parser.add_argument("--q", type=float, nargs="+", required=True,
@@ -168,13 +172,12 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace mixtures made from other parents")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     args = parser.parse_args(argv)
-    try:
-        with stage.output_lock(args.out):
+
+    def locked_run(_):
+        with outputs.output_lock(args.out):
             run(args)
-    except UsageError as e:
-        print(f"merge_policies.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return outputs.run_script("merge_policies.py", locked_run)
 
 
 if __name__ == "__main__":

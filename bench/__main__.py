@@ -33,7 +33,7 @@ import time
 import torch
 
 import risk
-from stage import HelpFormatter
+from outputs import HelpFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN = 256

@@ -35,8 +35,8 @@ import torch
 import dual_alignment
 import evaluate
 import merge_policies
+import outputs
 import risk
-import stage
 import train_reward_stage
 import train_safety_stage
 from demo import readme_table as readme
@@ -91,7 +91,7 @@ class Study:
 
 def trained(script, out, argv):
     """Train (or resume, or reuse) one stage into `out`."""
-    if script.main([*argv, "--out", out, *stage.continue_flags(out)]) != 0:
+    if script.main([*argv, "--out", out, *outputs.continue_flags(out)]) != 0:
         raise RuntimeError(f"{script.__name__} into {out} failed")
     return out
 
@@ -155,7 +155,7 @@ def budget_job(s, budget, seed):
             *s.stage_flags(seed), *METHODS[RSA]]
     if dual_alignment.main(argv) != 0:
         raise RuntimeError(f"the dual loop into {out}/dual failed")
-    s.evaluated(stage.resolved_path(dual_choice(f"{out}/dual")[0]["policy"], f"{out}/dual"), f"{out}/dual_heldout",
+    s.evaluated(outputs.resolved_path(dual_choice(f"{out}/dual")[0]["policy"], f"{out}/dual"), f"{out}/dual_heldout",
                 seed)
 
 
@@ -545,7 +545,7 @@ def plot_matched(s, names, means, sft, levels, read):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m studies.matched", description=__doc__,
-                                formatter_class=stage.HelpFormatter)
+                                formatter_class=outputs.HelpFormatter)
     p.add_argument("--out", default="runs/study", help="output folder (resumable)")
     p.add_argument("--world", default="worlds/toy", help="toy world folder (built if missing)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
@@ -557,10 +557,10 @@ def main(argv=None):
     p.add_argument("--report", action="store_true", help="only the analysis of what is on disk")
     args = p.parse_args(argv)
     try:
-        stage.check_ranges(args, positive=("steps", "samples", "jobs"))
+        outputs.check_ranges(args, positive=("steps", "samples", "jobs"))
         if any(seed < 0 for seed in args.seeds):
-            raise stage.UsageError(f"--seeds must be 0 or more, got {args.seeds}")
-    except stage.UsageError as e:
+            raise outputs.UsageError(f"--seeds must be 0 or more, got {args.seeds}")
+    except outputs.UsageError as e:
         print(f"python -m studies.matched: error: {e}", file=sys.stderr)
         return 2
     s = Study(os.path.abspath(args.out), os.path.abspath(args.world), args.steps, args.samples)

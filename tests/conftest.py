@@ -8,6 +8,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory):
+    """De-quantised GGUF models go to a folder of the test session, not the user's cache."""
+    os.environ["RSA_CACHE"] = str(tmp_path_factory.mktemp("rsa-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A seconds-sized toy world, for tests that only need plumbing."""

@@ -1,4 +1,5 @@
-"""Fault injection for the tests, kept out of the training loop: it wraps stage.py's functions from outside.
+"""Fault injection for the tests, kept out of the training loop: it wraps stage.py's and outputs.py's
+functions from outside.
 
     python tests/faults.py mid_step@5 ARGS...        # train_reward_stage.py, SIGKILL in step 5 after a forward pass
     python tests/faults.py mid_checkpoint@4 ARGS...  # SIGKILL while step 4's checkpoint is half written
@@ -13,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import outputs  # noqa: E402
 import stage  # noqa: E402
 
 
@@ -23,14 +25,14 @@ def kill():
 def plant(point, at_step, setattr_=setattr):
     """Plant one fault at training step `at_step`: mid_step, mid_checkpoint or nan_loss."""
     if point == "mid_checkpoint":
-        write = stage._fsync_write
+        write = outputs.fsync_write
 
         def faulty_write(path, fn):
             if path.endswith(os.path.join(f"step-{at_step:08d}.tmp", "trainer_state.pt")):
                 kill()  # the weights of this checkpoint are on disk, its state and marker are not
             write(path, fn)
 
-        setattr_(stage, "_fsync_write", faulty_write)
+        setattr_(outputs, "fsync_write", faulty_write)
         return
     if point not in ("mid_step", "nan_loss"):
         raise ValueError(f"unknown fault point {point}")

@@ -18,6 +18,7 @@ from test_stages import FAST, subset
 import data
 import evaluate
 import merge_policies
+import outputs
 import stage
 import train_reward_stage
 import train_safety_stage
@@ -57,7 +58,7 @@ def env(tiny_world, full_world, tmp_path_factory):
     assert train_reward_stage.main(["--sft", f"{full_world}/sft", "--out", other, *common]) == 0
     unfinished = tmp / "unfinished"
     shutil.copytree(reward, unfinished)
-    os.remove(unfinished / stage.COMPLETE_FILE)
+    os.remove(unfinished / outputs.COMPLETE_FILE)
     mix = str(tmp / "mix")
     assert merge_policies.main(["--first", reward, "--second", safety, "--q", "0.5", "--out", mix]) == 0
     eval_out = str(tmp / "eval")

@@ -8,7 +8,7 @@ from helpers import write_jsonl
 from test_stages import FAST, subset
 
 import data
-import stage
+import outputs
 import train_reward_stage
 
 reward_main = train_reward_stage.main
@@ -26,13 +26,13 @@ def test_tensorboard_events_carry_the_metrics_of_metrics_jsonl(pairs, tiny_world
     assert reward_main(["--sft", os.path.join(tiny_world, "sft"), "--data", pairs, "--out", out, "--max_steps", "3",
                         *FAST, "--log_every", "1", "--report_to", "tensorboard"]) == 0
     events = EventAccumulator(os.path.join(out, "runs")).Reload()
-    with open(os.path.join(out, stage.METRICS_FILE)) as f:
+    with open(os.path.join(out, outputs.METRICS_FILE)) as f:
         records = [json.loads(line) for line in f]
     train = [r for r in records if r["split"] == "train"]
     assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in train] == [1, 2, 3]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in train], rel=1e-6)
     assert events.Scalars("eval/rewards/accuracies")[0].step == 0
-    assert "report_to" not in stage.read_stage(out)["args"]  # where metrics go does not change the run
+    assert "report_to" not in outputs.read_stage(out)["args"]  # where metrics go does not change the run
 
 
 def test_a_saved_config_reproduces_the_run_and_flags_override_it(pairs, tiny_world, tmp_path, capsys):
@@ -40,16 +40,16 @@ def test_a_saved_config_reproduces_the_run_and_flags_override_it(pairs, tiny_wor
     argv = ["--sft", os.path.join(tiny_world, "sft"), "--data", pairs, "--out", first, "--max_steps", "2",
             "--risk_measure", "erm", "--risk_level", "2", *FAST]
     assert reward_main(argv) == 0
-    saved = stage.read_stage(first)
+    saved = outputs.read_stage(first)
     again = str(tmp_path / "again")
-    assert reward_main(["--config", os.path.join(first, stage.CONFIG_FILE), "--out", again]) == 0
-    assert stage.read_stage(again)["args"] == saved["args"]  # the same run
+    assert reward_main(["--config", os.path.join(first, outputs.CONFIG_FILE), "--out", again]) == 0
+    assert outputs.read_stage(again)["args"] == saved["args"]  # the same run
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(f"sft: {os.path.join(tiny_world, 'sft')}\ndata: {pairs}\nmax_steps: 2\nlr: 0.02\n"
                          "max_length: 48\nmax_prompt_length: 24\nbatch_size: 8\nlora_r: 4\n")
     third = str(tmp_path / "third")
     assert reward_main(["--config", str(yaml_file), "--out", third, "--lr", "0.03"]) == 0
-    args = stage.read_stage(third)["args"]
+    args = outputs.read_stage(third)["args"]
     assert (args["max_steps"], args["lr"], args["lora_r"]) == (2, 0.03, 4)  # the command line wins
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": pairs, "learning_rate": 1e-3}))

@@ -10,6 +10,7 @@ import pytest
 from test_stages import FAST, subset
 
 import dual_alignment
+import outputs
 import stage
 import train_reward_stage
 
@@ -39,14 +40,14 @@ def test_the_trace_follows_the_dual_update(setup):
     trace = json.load(open(os.path.join(out, "trace.json")))["iterations"]
     assert [r["iteration"] for r in trace] == [0, 1, 2]
     assert trace[0]["lambda"] == 0 and trace[0]["beta"] is None  # lambda 0: pi_r itself, no training
-    beta_r = stage.read_stage(setup["reward"])["args"]["beta"]
+    beta_r = outputs.read_stage(setup["reward"])["args"]["beta"]
     for before, after in zip(trace, trace[1:]):
         assert after["lambda"] == pytest.approx(max(0.0, before["lambda"] + 4 * (before["constraint"] - 0.5)))
         if after["lambda"] > 0:
             assert after["beta"] == pytest.approx(beta_r / after["lambda"])
-            policy = stage.resolved_path(after["policy"], out)
-            assert stage.read_stage(policy)["args"]["beta"] == pytest.approx(after["beta"])
-            assert stage.read_stage(policy)["args"]["seed"] == 0  # the loop's --seed trains its stages
+            policy = outputs.resolved_path(after["policy"], out)
+            assert outputs.read_stage(policy)["args"]["beta"] == pytest.approx(after["beta"])
+            assert outputs.read_stage(policy)["args"]["seed"] == 0  # the loop's --seed trains its stages
     for r in trace:
         results = json.load(open(os.path.join(out, f"iter-{r['iteration']}", "eval", "results.json")))[0]
         assert r["constraint"] == results["mean_cost"] and r["mean_reward"] == results["mean_reward"]

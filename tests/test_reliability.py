@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_stages import FAST, subset
 
+import outputs
 import stage
 import train_reward_stage
 import train_safety_stage
@@ -54,13 +55,13 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(point, reference_
     assert not os.path.exists(out)  # nothing half-written where the finished run goes
     ckpts = os.listdir(os.path.join(out + ".tmp", "checkpoints"))
     if point.startswith("mid_checkpoint"):
-        assert "step-00000004.tmp" in ckpts and stage.latest_checkpoint(out + ".tmp").endswith("step-00000002")
+        assert "step-00000004.tmp" in ckpts and outputs.latest_checkpoint(out + ".tmp").endswith("step-00000002")
     else:
-        assert stage.latest_checkpoint(out + ".tmp").endswith("step-00000004")
+        assert outputs.latest_checkpoint(out + ".tmp").endswith("step-00000004")
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2  # no silent restart
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out, extra=["--resume"])) == 0
     assert same_weights(adapter(out), adapter(reference_run["out"]))
-    with open(os.path.join(out, stage.METRICS_FILE)) as f:
+    with open(os.path.join(out, outputs.METRICS_FILE)) as f:
         steps = [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
     assert steps == sorted(set(steps))  # no duplicated records from the lost steps
 
@@ -71,11 +72,11 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(reference_run, tiny_wo
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2
     err = capsys.readouterr().err
     assert "non-finite loss at step 3" in err and "step-00000002" in err and "--resume" in err
-    assert not os.path.exists(out) and stage.latest_checkpoint(out + ".tmp").endswith("step-00000002")
+    assert not os.path.exists(out) and outputs.latest_checkpoint(out + ".tmp").endswith("step-00000002")
     skip = str(reference_run["tmp"] / "nan_skipped")
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], skip,
                                             extra=["--skip_nonfinite"])) == 0
-    with open(os.path.join(skip, stage.COMPLETE_FILE)) as f:
+    with open(os.path.join(skip, outputs.COMPLETE_FILE)) as f:
         assert json.load(f)["nonfinite_skipped"] == 1
     assert all(torch.isfinite(v).all() for v in adapter(skip).values())
 
@@ -134,7 +135,7 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(launcher, re
     # float summation order differs between 1 and 2 ranks, and Adam turns that into differences of up to ~5e-5 in
     # near-zero-gradient weights after 3 steps; a rank training on its own half moves weights by ~5e-2
     assert same_weights(adapter(one), adapter(two), atol=2e-4)
-    with open(os.path.join(one, stage.METRICS_FILE)) as a, open(os.path.join(two, stage.METRICS_FILE)) as b:
+    with open(os.path.join(one, outputs.METRICS_FILE)) as a, open(os.path.join(two, outputs.METRICS_FILE)) as b:
         la = [r["loss"] for r in map(json.loads, a) if r["split"] == "train"]
         lb = [r["loss"] for r in map(json.loads, b) if r["split"] == "train"]
     # the logged loss of 2 ranks is their mean; with a sum over pairs each rank sums half the pairs
@@ -156,7 +157,7 @@ def test_stacked_reference_is_the_reward_policy(reference_run, tiny_world):
     assert_stock_is_the_trained_policy(out)  # the 4-bit path's output loads with stock peft on the SFT model too
     args = stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", reference_run["out"], "--data", pairs,
                                                                 "--out", out, *FAST])
-    model = train_safety_stage.stacked_model(args, stage.read_stage(reference_run["out"]), stage.Runtime("fp32"))
+    model = train_safety_stage.stacked_model(args, outputs.read_stage(reference_run["out"]), stage.Runtime("fp32"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)  # the reward adapter stays frozen
     tok = stage.load_tokenizer(reference_run["out"])
@@ -166,7 +167,8 @@ def test_stacked_reference_is_the_reward_policy(reference_run, tiny_world):
         for p in model.parameters():  # move the new adapter away from zero, as training does
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-        logratio = stage.batch_terms(model, batch, stage.LossConfig.from_args(args))[0]
+        logratio = stage.batch_terms(model, batch, stage.LossConfig.from_args(args),
+                                     train_safety_stage.RewardStagePolicy())[0]
     pi_r = stage.load_policy(reference_run["out"])
     policy_logps = sequence_logps(model, batch)  # both adapters active again after the reference pass
     assert torch.allclose(logratio, policy_logps - sequence_logps(pi_r, batch), atol=1e-4)
@@ -187,24 +189,25 @@ def test_stacked_reference_keeps_stage_1_on_the_head_and_has_no_dropout(referenc
     assert train_reward_stage.main(argv_for(tiny_world, pairs, reward, steps=4, extra=lora)) == 0
     args = stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", reward, "--data", pairs, "--out",
                                                                 str(tmp / "unused"), *FAST, *lora])
-    model = train_safety_stage.stacked_model(args, stage.read_stage(reward), stage.Runtime("fp32"))
+    model = train_safety_stage.stacked_model(args, outputs.read_stage(reward), stage.Runtime("fp32"))
     tok = stage.load_tokenizer(reward)
     batch = data.collate(data.tokenize_pairs(data.load_pairs(pairs, "safer")[:3], tok, 48, 24), tok.pad_token_id)
     for module in model.modules():  # attention dropout too: the reference pass must run without it
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.5
     model.train()
-    with torch.no_grad(), stage.reference_context(model):
+    with torch.no_grad(), stage.reference_pass(model, train_safety_stage.RewardStagePolicy()):
         body, _ = stage.backbone_and_head(model)
         ref = [body(input_ids=batch["input_ids"]).last_hidden_state for _ in range(2)]
     assert torch.equal(ref[0], ref[1])  # the reference pass is deterministic in train mode
     assert model.training
     model.eval()  # the new adapter is still zero: the policy equals pi_r, so the log-ratio is 0 up to rounding
     with torch.no_grad():
-        logratio = stage.batch_terms(model, batch, stage.LossConfig(measure=None))[0]
+        logratio = stage.batch_terms(model, batch, stage.LossConfig(measure=None),
+                                     train_safety_stage.RewardStagePolicy())[0]
     assert torch.allclose(logratio, torch.zeros_like(logratio), atol=1e-4)
     pi_r = stage.load_policy(reward)
-    head_delta = stage.reference_head(model, stage.backbone_and_head(model)[1]).weight - \
+    head_delta = train_safety_stage.RewardStagePolicy().head(stage.backbone_and_head(model)[1]).weight - \
         stage.backbone_and_head(model)[1].base_layer.weight
     assert head_delta.abs().max() > 1e-4  # stage 1 did change the head, and the reference keeps it
     assert torch.allclose(sequence_logps(model, batch), sequence_logps(pi_r, batch), atol=1e-4)
@@ -222,14 +225,14 @@ def test_stage_1_keeps_no_lora_dropout_in_the_policy_pass(reference_run, tiny_wo
     assert json.load(open(os.path.join(reward, "adapter_config.json")))["lora_dropout"] == 0.5
     args = stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", reward, "--data", pairs, "--out",
                                                                 str(tmp / "unused"), "--lora_dropout", "0.5", *FAST])
-    model = train_safety_stage.stacked_model(args, stage.read_stage(reward), stage.Runtime("fp32"))
+    model = train_safety_stage.stacked_model(args, outputs.read_stage(reward), stage.Runtime("fp32"))
     tok = stage.load_tokenizer(reward)
     batch = data.collate(data.tokenize_pairs(data.load_pairs(pairs, "safer")[:4], tok, 48, 24), tok.pad_token_id)
     body, _ = stage.backbone_and_head(model)
     model.train()
     with torch.no_grad():
         policy = body(input_ids=batch["input_ids"]).last_hidden_state
-        with stage.reference_context(model):
+        with stage.reference_pass(model, train_safety_stage.RewardStagePolicy()):
             ref = body(input_ids=batch["input_ids"]).last_hidden_state
     assert torch.equal(policy, ref)
 
@@ -247,7 +250,7 @@ def test_a_killed_two_process_run_resumes_to_its_uninterrupted_weights(launcher,
     run = launch(launcher, os.path.join(ROOT, "tests", "faults.py"), "mid_step@5",
                  *argv_for(tiny_world, pairs, killed, extra=common))
     assert run.returncode != 0 and not os.path.exists(killed)
-    assert stage.latest_checkpoint(killed + ".tmp").endswith("step-00000004")
+    assert outputs.latest_checkpoint(killed + ".tmp").endswith("step-00000004")
     run = launch(launcher, stage_script, *argv_for(tiny_world, pairs, killed, extra=[*common, "--resume"]))
     assert run.returncode == 0, run.stderr[-2000:]
     assert "resuming from" in run.stdout
@@ -278,7 +281,8 @@ def test_a_second_run_into_the_same_output_stops_while_the_first_lives(reference
     finally:
         stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-2000:]
-    assert json.load(open(os.path.join(out, stage.COMPLETE_FILE)))["steps"] == 400 and not os.path.exists(out + ".lock")
+    assert json.load(open(os.path.join(out, outputs.COMPLETE_FILE)))["steps"] == 400
+    assert not os.path.exists(out + ".lock")
     # a stale lock: its process has exited
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = str(reference_run["tmp"] / "stale")
@@ -291,7 +295,7 @@ def test_a_second_run_into_the_same_output_stops_while_the_first_lives(reference
 
 def failing_write(monkeypatch, name, step_folder=None):
     """Make the write of one file fail with ENOSPC (in a checkpoint of `step_folder`, or in the final output)."""
-    write = stage._fsync_write
+    write = outputs.fsync_write
 
     def full_disk(path, fn):
         where = os.path.basename(os.path.dirname(path))
@@ -300,15 +304,15 @@ def failing_write(monkeypatch, name, step_folder=None):
             raise OSError(errno.ENOSPC, "No space left on device", path)
         write(path, fn)
 
-    monkeypatch.setattr(stage, "_fsync_write", full_disk)
+    monkeypatch.setattr(outputs, "fsync_write", full_disk)
 
 
 @pytest.mark.parametrize("name,step_folder,last", [
     ("trainable.safetensors", "step-00000004.tmp", "step-00000002"),
     ("trainer_state.pt", "step-00000004.tmp", "step-00000002"),
-    (stage.COMPLETE_FILE, "step-00000004.tmp", "step-00000002"),
-    (stage.CONFIG_FILE, None, "step-00000004"),  # the final output's config
-    (stage.COMPLETE_FILE, None, "step-00000004"),  # the final output's marker
+    (outputs.COMPLETE_FILE, "step-00000004.tmp", "step-00000002"),
+    (outputs.CONFIG_FILE, None, "step-00000004"),  # the final output's config
+    (outputs.COMPLETE_FILE, None, "step-00000004"),  # the final output's marker
     ("adapter_model.safetensors", None, "step-00000004"),  # the final adapter
 ])
 def test_a_failing_write_stops_with_the_path_and_keeps_the_last_checkpoint(name, step_folder, last, reference_run,
@@ -329,11 +333,11 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(reference_run, tiny
     """Weights truncated, marker present: --resume notes it and continues from the checkpoint before, reaching the
     uninterrupted weights; with every checkpoint damaged, a one-line error naming the newest."""
     out = str(reference_run["tmp"] / "damaged")
-    failing_write(monkeypatch, stage.CONFIG_FILE)  # stop at the final save: checkpoints 2 and 4 are left
+    failing_write(monkeypatch, outputs.CONFIG_FILE)  # stop at the final save: checkpoints 2 and 4 are left
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out)) == 2
     monkeypatch.undo()
     capsys.readouterr()
-    ckpts = stage.complete_checkpoints(out + ".tmp")
+    ckpts = outputs.complete_checkpoints(out + ".tmp")
     assert [os.path.basename(c) for c in ckpts] == ["step-00000002", "step-00000004"]  # --save_total_limit 2
     weights = os.path.join(ckpts[-1], "trainable.safetensors")
     with open(weights, "r+b") as f:
@@ -344,10 +348,10 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(reference_run, tiny
     assert same_weights(adapter(out), adapter(reference_run["out"]))
     # every checkpoint damaged: nothing to fall back to
     again = str(reference_run["tmp"] / "damaged_all")
-    failing_write(monkeypatch, stage.CONFIG_FILE)
+    failing_write(monkeypatch, outputs.CONFIG_FILE)
     assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], again)) == 2
     monkeypatch.undo()
-    for ckpt in stage.complete_checkpoints(again + ".tmp"):
+    for ckpt in outputs.complete_checkpoints(again + ".tmp"):
         with open(os.path.join(ckpt, "trainer_state.pt"), "wb") as f:
             f.write(b"garbage")
     capsys.readouterr()

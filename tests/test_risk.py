@@ -85,36 +85,56 @@ def test_cvar_worked_example():
     assert risk.cvar(v, torch.full((4,), 0.25), 0.5).item() == pytest.approx(7.5)
 
 
-def test_cvar_gradient_at_ties_spreads_the_remainder_in_proportion_to_p(topk_sizes):
+@pytest.mark.parametrize("cvar", [risk.cvar, risk.fast_cvar])
+def test_cvar_gradient_at_ties_spreads_the_remainder_in_proportion_to_p(cvar, topk_sizes):
     # worst first: 5 takes 0.25, the two atoms at 2 share the remaining 0.25 of their 0.5: t = 2
     v = torch.tensor([1.0, 2.0, 2.0, 5.0], dtype=torch.float64, requires_grad=True)
     p = torch.full((4,), 0.25, dtype=torch.float64)
-    out = risk.cvar(v, p, 0.5)
+    out = cvar(v, p, 0.5)
     assert out.item() == pytest.approx(bf_cvar(v.tolist(), p.tolist(), 0.5)) == pytest.approx(3.5)
     (grad,) = torch.autograd.grad(out, v)
     assert torch.allclose(grad, torch.tensor([0.0, 0.25, 0.25, 0.5], dtype=torch.float64))
     # all values equal (a policy still at its reference): every atom is at the VaR, the gradient is p, as the
-    # expectation's, and no partial selection of the whole vocabulary is made
+    # expectation's, and the training path makes no partial selection of the whole vocabulary
     v = torch.zeros(3, 32000, requires_grad=True)
     p = torch.softmax(torch.randn(3, 32000), -1)
     topk_sizes.clear()
-    (grad,) = torch.autograd.grad(risk.cvar(v, p, 0.25).sum(), v)
-    assert torch.allclose(grad, p, rtol=1e-5, atol=0) and max(topk_sizes) == 1
+    (grad,) = torch.autograd.grad(cvar(v, p, 0.25).sum(), v)
+    assert torch.allclose(grad, p, rtol=1e-5, atol=0)
+    assert cvar is risk.cvar or max(topk_sizes) == 1
 
 
+@pytest.mark.parametrize("cvar", [risk.cvar, risk.fast_cvar])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cvar_with_a_narrow_bulk_and_an_outlier_matches_the_walk(dtype, topk_sizes):
+def test_cvar_with_a_narrow_bulk_and_an_outlier_matches_the_walk(dtype, cvar, topk_sizes):
     """Most values within 1e-6 of each other, one far below: twelve halvings of the spread leave the bulk in one
     interval, so the bisection goes on; the result is still the walk's, and the final selection stays small."""
     g = torch.Generator().manual_seed(3)
     v = 1e-6 * torch.randn(4, 5000, generator=g, dtype=dtype)
     v[:, 0] = -30.0
     p = torch.softmax(torch.randn(4, 5000, generator=g, dtype=dtype), -1)
-    got = risk.cvar(v, p, 0.3)
+    got = cvar(v, p, 0.3)
     for row in range(4):
         want = bf_cvar(v[row].double().tolist(), p[row].double().tolist(), 0.3)
         assert got[row].item() == pytest.approx(want, rel=1e-5 if dtype == torch.float32 else 1e-12)
-    assert max(topk_sizes) <= 2048
+    assert cvar is risk.cvar or max(topk_sizes) <= 2048  # the training path's final selection stays small
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", [False, True])
+def test_fast_selections_equal_the_definitions(dtype, ties):
+    """The training path's selections (bisection + partial selection; the quantile by partial selection) give the
+    definitions' values and gradients: the sort-and-walk CVaR and the authors' torch.quantile form."""
+    v, p = random_dist((6, 1000), ties=ties, dtype=dtype)
+    for level in (0.01, 0.05, 0.25, 0.5, 0.95):
+        for slow, fast, extra in ((risk.cvar, risk.fast_cvar, {}), (risk.cvar_radpo, risk.fast_cvar_radpo, {}),
+                                  (risk.cvar_radpo, risk.fast_cvar_radpo, {"split_vocab": True})):
+            x = v.clone().requires_grad_(True)
+            want, got = slow(x, p, level, **extra), fast(x, p, level, **extra)
+            tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got, want, **tol)
+            torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0],
+                                       **tol)
 
 
 @pytest.mark.parametrize("measure,level", [m for m in COHERENT if m[0] != "expectation"])

@@ -9,6 +9,7 @@ import torch
 from helpers import write_jsonl
 
 import data
+import outputs
 import stage
 import train_reward_stage
 import train_safety_stage
@@ -25,7 +26,7 @@ def subset(world, tmp_path, n=32, name="pairs.jsonl"):
 
 
 def eval_records(folder):
-    with open(os.path.join(folder, stage.METRICS_FILE)) as f:
+    with open(os.path.join(folder, outputs.METRICS_FILE)) as f:
         return [r for r in map(json.loads, f) if r["split"] == "eval"]
 
 
@@ -51,12 +52,12 @@ def test_reward_stage_lowers_loss_and_raises_accuracy_on_training_pairs(stages):
     assert last["rewards/accuracies"] > max(0.6, first["rewards/accuracies"])
     for key in ("rewards_ra/margins", "logps/chosen", "kl/rejected", "risk/margins"):
         assert key in last
-    with open(os.path.join(stages["reward"], stage.METRICS_FILE)) as f:
+    with open(os.path.join(stages["reward"], outputs.METRICS_FILE)) as f:
         train_rec = [r for r in map(json.loads, f) if r["split"] == "train"][0]
     for key in ("grad_norm", "lr", "tokens_per_s", "rewards/chosen", "risk/chosen"):
         assert key in train_rec
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", stage.CONFIG_FILE,
-                 stage.COMPLETE_FILE):
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", outputs.CONFIG_FILE,
+                 outputs.COMPLETE_FILE):
         assert os.path.exists(os.path.join(stages["reward"], name)), name
 
 
@@ -71,10 +72,10 @@ def sequence_logps(model, batch):
 def test_safety_stage_reference_is_the_reward_policy(stages, tiny_world):
     """The implicit rewards the safety stage logged at its end, beta_s * log(pi_rs / reference) on its held-out
     pairs, are those of pi_r as the reference, computed here from full logits, and not those of the SFT model."""
-    cfg = stage.read_stage(stages["safety"])
-    assert stage.resolved_path(cfg["parent"], stages["safety"]) == stages["reward"]
+    cfg = outputs.read_stage(stages["safety"])
+    assert outputs.resolved_path(cfg["parent"], stages["safety"]) == stages["reward"]
     assert cfg["parent"] == os.path.join("..", "reward") and cfg["lambda"] == pytest.approx(10.0)  # relative
-    final = json.load(open(os.path.join(stages["safety"], stage.COMPLETE_FILE)))["final_eval"]
+    final = json.load(open(os.path.join(stages["safety"], outputs.COMPLETE_FILE)))["final_eval"]
     tok = stage.load_tokenizer(stages["safety"])
     examples = data.tokenize_pairs(data.load_pairs(stages["pairs"], "safer")[:32], tok, 48, 24)
     batch = data.collate(examples, tok.pad_token_id)
@@ -102,14 +103,14 @@ def test_complete_output_is_reused_and_a_different_config_refused(stages, capsys
     out = str(stages["tmp"] / "safety2")
     assert train_safety_stage.main(base + ["--out", out, "--max_steps", "2"]) == 0
     assert train_safety_stage.main(base + ["--out", out, "--max_steps", "3", "--overwrite"]) == 0
-    assert json.load(open(os.path.join(out, stage.COMPLETE_FILE)))["steps"] == 3
+    assert json.load(open(os.path.join(out, outputs.COMPLETE_FILE)))["steps"] == 3
 
 
 def test_errors_before_training(stages, tiny_world, full_world, tmp_path, capsys):
     sft = os.path.join(tiny_world, "sft")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    json.dump({"stage": "reward"}, open(unfinished / stage.CONFIG_FILE, "w"))
+    json.dump({"stage": "reward"}, open(unfinished / outputs.CONFIG_FILE, "w"))
     no_safer = [{k: v for k, v in json.loads(line).items() if k != "safer_response_id"}
                 for line in open(stages["pairs"])]
     no_safer_file = write_jsonl(tmp_path / "no_safer.jsonl", no_safer)
@@ -160,7 +161,7 @@ def test_a_finished_stage_is_recognised_before_any_weights_load(stages, monkeypa
     for name in ("load_base_model", "load_policy", "load_tokenizer"):
         monkeypatch.setattr(stage, name, no_loading)
     argv = ["--data", stages["pairs"], "--eval_data", stages["pairs"], "--eval_pairs", "32", *FAST]
-    sft = stage.base_of(stages["reward"])[0]
+    sft = outputs.base_of(stages["reward"])[0]
     assert reward_main(["--sft", sft, "--out", stages["reward"], "--max_steps", "24", "--lr", "1e-2", *argv]) == 0
     assert train_safety_stage.main(["--reward_stage", stages["reward"], "--out", stages["safety"], "--max_steps", "8",
                                     "--lr", "1e-2", *argv]) == 0
@@ -183,17 +184,17 @@ def test_second_stage_takes_the_other_preference_and_records_the_order_run(stage
     twice is refused unless asked for."""
     common = ["--data", stages["pairs"], "--max_steps", "1", *FAST]
     first = str(tmp_path / "safer_first")
-    sft = stage.base_of(stages["reward"])[0]
+    sft = outputs.base_of(stages["reward"])[0]
     assert reward_main(["--sft", sft, "--out", first, "--preference", "safer", *common]) == 0
-    assert stage.read_stage(first)["order"] == "S"
+    assert outputs.read_stage(first)["order"] == "S"
     second = str(tmp_path / "then_helpful")
     assert train_safety_stage.main(["--reward_stage", first, "--out", second, *common]) == 0
-    cfg = stage.read_stage(second)
+    cfg = outputs.read_stage(second)
     assert (cfg["args"]["preference"], cfg["order"]) == ("better", "S->H")
-    assert stage.read_stage(stages["safety"])["order"] == "H->S"
+    assert outputs.read_stage(stages["safety"])["order"] == "H->S"
     same = str(tmp_path / "same")
     assert train_safety_stage.main(["--reward_stage", first, "--out", same, "--preference", "safer", *common]) == 2
     assert "trained on it already" in capsys.readouterr().err and not os.path.exists(same)
     assert train_safety_stage.main(["--reward_stage", first, "--out", same, "--preference", "safer",
                                     "--same_preference", *common]) == 0
-    assert stage.read_stage(same)["order"] == "S->S"
+    assert outputs.read_stage(same)["order"] == "S->S"

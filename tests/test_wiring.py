@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_stages import FAST, sequence_logps, subset
 
 import data
+import outputs
 import risk
 import stage
 import train_reward_stage
@@ -23,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def records(folder, split):
-    with open(os.path.join(folder, stage.METRICS_FILE)) as f:
+    with open(os.path.join(folder, outputs.METRICS_FILE)) as f:
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
@@ -147,7 +148,7 @@ def test_a_bf16_base_trains_fp32_lora_with_an_exact_reference(pairs, tiny_world,
     assert {v.dtype for v in load_file(os.path.join(out, "adapter_model.safetensors")).values()} == {torch.float32}
     first = records(out, "eval")[0]
     assert first["kl/chosen"] == 0 and first["rewards/margins"] == 0 and first["loss"] == pytest.approx(math.log(2))
-    assert stage.read_stage(out)["args"]["dtype"] == "bfloat16"
+    assert outputs.read_stage(out)["args"]["dtype"] == "bfloat16"
     batch = eval_batch(out, pairs, "better", 8)
     terms = {}
     for dtype in (torch.float32, torch.bfloat16):
