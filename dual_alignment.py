@@ -137,10 +137,25 @@ def run(args, stage_flags):
         print(f"[dual] no iterate met the budget; see {trace_file}")
         return
     best = max(feasible, key=lambda r: r["mean_reward"])
-    outputs.copy_output(outputs.resolved_path(best["policy"], args.out), final)
+    copy_output(outputs.resolved_path(best["policy"], args.out), final)
     write_json(os.path.join(args.out, "final.json"), {"met_budget": True, **best})
     print(f"[dual] final: iteration {best['iteration']} (lambda {best['lambda']:g}): {args.constraint} "
           f"{best['constraint']:.4f}, mean reward {best['mean_reward']:.4f} -> {final}")
+
+
+def copy_output(src, dst):
+    """Copy a finished stage or mixture folder, its recorded paths rewritten for where the copy lies."""
+    shutil.copytree(src, dst)
+    cfg = outputs.read_stage(dst)
+    for key in ("base_model", "parent", "first", "second"):
+        if cfg.get(key):
+            cfg[key] = outputs.recorded_path(outputs.resolved_path(cfg[key], src), dst)
+    outputs.write_json(os.path.join(dst, outputs.CONFIG_FILE), cfg)
+    if os.path.exists(os.path.join(dst, outputs.ADAPTER_CONFIG)):
+        with open(os.path.join(dst, outputs.ADAPTER_CONFIG)) as f:
+            config = json.load(f)
+        config["base_model_name_or_path"] = outputs.peft_base(cfg["base_model"], dst)
+        outputs.write_json(os.path.join(dst, outputs.ADAPTER_CONFIG), config)
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -35,13 +36,57 @@ from outputs import UsageError
 
 MIXTURE_FILE = "rsa_mixture.json"  # the marker of a full-weight mixture (parents on different bases)
 
+# LoRA adapters as data: {module path: (A (r, in), B (out, r) with the scaling folded in)}. Concatenating two
+# adapters in rank gives one adapter whose update is the sum of theirs, exactly (peft's add_weighted_adapter calls
+# this "cat"); scaling a block of B scales that adapter's update. So the safety stage's output (Delta_r + Delta_s)
+# and every RSA(P) mixture are one adapter on the SFT base.
+
+
+def read_adapter(folder):
+    """The LoRA blocks of an adapter folder (peft format), scaling folded into B."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, outputs.ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    weights = load_file(os.path.join(folder, outputs.ADAPTER_WEIGHTS))
+    if any("lora_embedding" in k or "lora_magnitude" in k for k in weights):
+        raise UsageError(f"{folder}: only LoRA on linear layers can be combined (found embedding LoRA or DoRA)")
+    blocks = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            name = module.removeprefix("base_model.model.")
+            r = config.get("rank_pattern", {}).get(name, config["r"])
+            alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
+            scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            blocks[name] = (a.float(), weights[module + ".lora_B.weight"].float() * scaling)
+    return blocks
+
+
+def concat_adapters(parts):
+    """One adapter from [(coefficient, blocks), ...]: sum_k coefficient_k * update_k, exactly (ranks add; a module
+    missing from a part gets zero rows there)."""
+    out = {}
+    for name in sorted(set().union(*(blocks for _, blocks in parts))):
+        fan_in, fan_out = next((a.shape[1], b.shape[0]) for _, blocks in parts if name in blocks
+                               for a, b in [blocks[name]])
+        a_parts, b_parts = [], []
+        for coefficient, blocks in parts:
+            rank = next(iter(blocks.values()))[0].shape[0]
+            a, b = blocks.get(name, (torch.zeros(rank, fan_in), torch.zeros(fan_out, rank)))
+            a_parts.append(a)
+            b_parts.append(coefficient * b)
+        out[name] = (torch.cat(a_parts), torch.cat(b_parts, dim=1))
+    return out
+
+
 
 def parent(path):
     """(description, (base, revision), LoRA blocks or None): a stage output is its base plus its adapter;
     a plain model is a base with no update of its own."""
     if outputs.is_stage(path):
         cfg = outputs.read_stage(path)
-        return cfg, outputs.base_of(path, cfg), outputs.read_adapter(path)
+        return cfg, outputs.base_of(path, cfg), read_adapter(path)
     return outputs.plain_model(path), (path, None), None
 
 
@@ -56,7 +101,7 @@ def mixture_adapter(first, second, q, exact):
     if exact:
         r1 = next(iter(first.values()))[0].shape[0]
         return {n: (a, torch.cat([b[:, :r1], (1 - q) * b[:, r1:]], dim=1)) for n, (a, b) in second.items()}
-    return outputs.concat_adapters([(c, blocks) for c, blocks in ((q, first), (1 - q, second)) if blocks])
+    return concat_adapters([(c, blocks) for c, blocks in ((q, first), (1 - q, second)) if blocks])
 
 
 def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged, dtype):

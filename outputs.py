@@ -1,7 +1,7 @@
 """What a stage leaves on disk, what it reads from there, and how every script reports a user error.
 
     Sec. 1  model arguments          describe (a finished stage or a plain model), gguf_folder, recorded_path
-    Sec. 2  LoRA adapters as data    read_adapter, concat_adapters, model_adapter, write_adapter
+    Sec. 2  LoRA adapters as data    model_adapter, write_adapter (merge_policies.py reads and mixes them)
     Sec. 3  flags and one writer     add_flags, config_values, run_config, check_output, output_lock
     Sec. 4  checkpoints and resume   save_checkpoint, start_or_resume (past a damaged checkpoint to the one before)
     Sec. 5  the final output         publish (atomic), write_model_card, Reporter (metrics.jsonl, TensorBoard, wandb)
@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -163,21 +162,6 @@ def base_of(folder, cfg=None):
     return resolved_path(cfg["base_model"], folder), cfg.get("revision")
 
 
-def copy_output(src, dst):
-    """Copy a finished stage or mixture folder, its recorded paths rewritten for where the copy lies."""
-    shutil.copytree(src, dst)
-    cfg = read_stage(dst)
-    for key in ("base_model", "parent", "first", "second"):
-        if cfg.get(key):
-            cfg[key] = recorded_path(resolved_path(cfg[key], src), dst)
-    write_json(os.path.join(dst, CONFIG_FILE), cfg)
-    if os.path.exists(os.path.join(dst, ADAPTER_CONFIG)):
-        with open(os.path.join(dst, ADAPTER_CONFIG)) as f:
-            config = json.load(f)
-        config["base_model_name_or_path"] = peft_base(cfg["base_model"], dst)
-        write_json(os.path.join(dst, ADAPTER_CONFIG), config)
-
-
 def config_fingerprint(path, trust_remote_code=False, revision=None):
     """What must agree for two checkpoints to share a base: architecture and shapes, read from the model's config
     alone, without loading any weights."""
@@ -195,49 +179,6 @@ def config_fingerprint(path, trust_remote_code=False, revision=None):
 
 
 # --------------------------------------------------------------------------------------- 2. LoRA adapters as data
-
-# {module path: (A (r, in), B (out, r) with the scaling folded in)}. Concatenating two adapters in rank gives one
-# adapter whose update is the sum of theirs, exactly (peft's add_weighted_adapter calls this "cat"); scaling a block
-# of B scales that adapter's update. So the safety stage and RSA(P) mixtures are one adapter on the SFT base.
-
-
-def read_adapter(folder):
-    """The LoRA blocks of an adapter folder (peft format), scaling folded into B."""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(folder, ADAPTER_CONFIG)) as f:
-        config = json.load(f)
-    weights = load_file(os.path.join(folder, ADAPTER_WEIGHTS))
-    if any("lora_embedding" in k or "lora_magnitude" in k for k in weights):
-        raise UsageError(f"{folder}: only LoRA on linear layers can be combined (found embedding LoRA or DoRA)")
-    blocks = {}
-    for key, a in weights.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            name = module.removeprefix("base_model.model.")
-            r = config.get("rank_pattern", {}).get(name, config["r"])
-            alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
-            scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-            blocks[name] = (a.float(), weights[module + ".lora_B.weight"].float() * scaling)
-    return blocks
-
-
-def concat_adapters(parts):
-    """One adapter from [(coefficient, blocks), ...]: sum_k coefficient_k * update_k, exactly (ranks add; a module
-    missing from a part gets zero rows there)."""
-    out = {}
-    for name in sorted(set().union(*(blocks for _, blocks in parts))):
-        fan_in, fan_out = next((a.shape[1], b.shape[0]) for _, blocks in parts if name in blocks
-                               for a, b in [blocks[name]])
-        a_parts, b_parts = [], []
-        for coefficient, blocks in parts:
-            rank = next(iter(blocks.values()))[0].shape[0]
-            a, b = blocks.get(name, (torch.zeros(rank, fan_in), torch.zeros(fan_out, rank)))
-            a_parts.append(a)
-            b_parts.append(coefficient * b)
-        out[name] = (torch.cat(a_parts), torch.cat(b_parts, dim=1))
-    return out
-
 
 def model_adapter(model, name="default"):
     """The LoRA blocks of a peft model's adapter `name`, from memory (fp32 on the CPU, scaling folded into B)."""

@@ -632,13 +632,25 @@ def total_steps(args, n_examples, world):
                                               / args.grad_accum))
 
 
+def held_out(step, loss_module, examples, args, runtime, log, pad_id):
+    """The held-out metrics at `step` (main process; None without held-out pairs), logged and printed."""
+    result = None
+    if runtime.main and examples:
+        with runtime.autocast():
+            result = evaluate_pairs(loss_module, examples, args.batch_size, pad_id, runtime.device)
+        log.record(step, "eval", result)
+        tqdm.write(metrics_line(f"[eval] step {step}:", result), file=sys.stdout)
+    runtime.barrier()
+    return result
+
+
 def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, reference=SFT_REFERENCE,
           adapter=outputs.model_adapter):
     """The loop both stages share: AdamW, warm-up then decay, accumulation, clipping, mixed precision, logging,
     held-out evaluation, periodic checkpoints with exact resume, and an atomic final save. `model` is a peft model,
-    `reference` its reference (AdapterOff: the model without its trained adapter); `adapter(model)` gives the LoRA
-    blocks the output holds."""
-    out, work, pad = args.out, args.out.rstrip("/") + ".tmp", tokenizer.pad_token_id
+    `reference` its reference (SFT_REFERENCE: the model without its trained adapter); `adapter(model)` gives the
+    LoRA blocks the output holds."""
+    work, pad = args.out.rstrip("/") + ".tmp", tokenizer.pad_token_id
     loss_config, total = LossConfig.from_args(args), total_steps(args, len(train_examples), runtime.world)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -654,18 +666,7 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, r
               + f", beta {loss_config.beta}; {runtime.precision} on {runtime.device}", flush=True)
     log = outputs.Reporter(work, args.report_to, cfg) if runtime.main else None
     loss_module = PairLoss(model, loss_config, reference)
-
-    def run_eval(step):
-        result = None
-        if runtime.main and eval_examples:
-            with runtime.autocast():
-                result = evaluate_pairs(loss_module, eval_examples, args.batch_size, pad, runtime.device)
-            log.record(step, "eval", result)
-            tqdm.write(metrics_line(f"[eval] step {step}:", result), file=sys.stdout)
-        runtime.barrier()
-        return result
-
-    final_eval = run_eval(0) if first_step == 1 else None
+    final_eval = held_out(0, loss_module, eval_examples, args, runtime, log, pad) if first_step == 1 else None
     model.train()
     wrapped = runtime.wrap(loss_module)
     stream = data.batch_order(len(train_examples), args.batch_size, args.seed, runtime.world, runtime.rank,
@@ -684,18 +685,18 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, r
             log_window(log, step, total, window)
             window = []
         if step % args.eval_every == 0 and step != total:
-            run_eval(step)
+            held_out(step, loss_module, eval_examples, args, runtime, log, pad)
         if args.save_every and step % args.save_every == 0 and step != total:
             outputs.save_checkpoint(work, step, model, opt, sched, cfg, runtime, skipped,
                                     seconds + time.time() - start, args.save_total_limit)
-    final_eval = run_eval(total) or final_eval
+    final_eval = held_out(total, loss_module, eval_examples, args, runtime, log, pad) or final_eval
+    summary = {"steps": total, "seconds": round(seconds + time.time() - start, 1), "nonfinite_skipped": skipped,
+               "final_eval": final_eval}
     if runtime.main:
         log.close()
-        summary = {"steps": total, "seconds": round(seconds + time.time() - start, 1), "nonfinite_skipped": skipped,
-                   "final_eval": final_eval}
-        outputs.publish(adapter(model), tokenizer, cfg, work, out, summary, args.lora_dropout)
-        print(f"[train] saved {cfg['stage']} stage to {out}" + (f" ({skipped} non-finite batches skipped)"
-                                                               if skipped else ""), flush=True)
+        outputs.publish(adapter(model), tokenizer, cfg, work, args.out, summary, args.lora_dropout)
+        print(f"[train] saved {cfg['stage']} stage to {args.out}"
+              + (f" ({skipped} non-finite batches skipped)" if skipped else ""), flush=True)
     runtime.barrier()
     return final_eval
 

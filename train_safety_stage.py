@@ -33,6 +33,7 @@ import sys
 import torch
 
 import data
+import merge_policies
 import outputs
 import stage
 from outputs import UsageError
@@ -153,10 +154,10 @@ def run(args):
         reference, adapter = stage.AdapterOff(), outputs.model_adapter
     else:
         model, reference = stacked_model(args, parent, runtime), RewardStagePolicy()
-        reward_update = outputs.read_adapter(args.reward_stage)
+        reward_update = merge_policies.read_adapter(args.reward_stage)
 
         def adapter(m):  # one adapter on the SFT base: stage 1's update and this stage's, concatenated in rank
-            return outputs.concat_adapters([(1.0, reward_update), (1.0, outputs.model_adapter(m))])
+            return merge_policies.concat_adapters([(1.0, reward_update), (1.0, outputs.model_adapter(m))])
     stage.train(model if args.load_in_4bit else model.to(runtime.device), tokenizer, args, cfg, train_examples,
                 held_out, runtime, reference=reference, adapter=adapter)
 

@@ -143,9 +143,9 @@ def train_step(config, setup):
 
     model, batch, opt, _ = setup
     loss_name, _, measure = config.partition("/")
-    lc = stage.LossConfig(loss=loss_name, measure=measure or None,
+    loss_config = stage.LossConfig(loss=loss_name, measure=measure or None,
                           level={"cvar_radpo": 0.95, "cvar": 0.25, "erm": 2.0}.get(measure))
-    loss, _ = stage.batch_loss(model, batch, lc)
+    loss, _ = stage.batch_loss(model, batch, loss_config)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -244,12 +244,12 @@ def plan_run(config, hidden, layers, folder):
     args = argparse.Namespace(**vars(LORA), **PLAN_BATCH, chunk_size=256, grad_accum=1, loss_reduction="mean",
                               max_grad_norm=1.0, skip_nonfinite=False, out=os.devnull)
     args.load_in_4bit, args.gradient_checkpointing = config == "4bit", config.endswith("+gc")
-    rt = stage.Runtime("bf16" if config in ("bf16", "4bit") else "fp32")
+    runtime = stage.Runtime("bf16" if config in ("bf16", "4bit") else "fp32")
     dtype = torch.bfloat16 if config == "bf16" else torch.float32
     model = stage.load_base_model(os.path.join(folder, f"h{hidden}l{layers}"), load_in_4bit=args.load_in_4bit,
-                                  dtype=dtype, fp32_head=True, compute_dtype=rt.dtype or torch.float32)
+                                  dtype=dtype, fp32_head=True, compute_dtype=runtime.dtype or torch.float32)
     model = stage.add_lora(model, args)
-    plan = stage.memory_plan(model, args, rt)
+    plan = stage.memory_plan(model, args, runtime)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 8192, (2 * args.batch_size, args.max_length), generator=g)
     resp = torch.zeros_like(ids, dtype=torch.bool)
@@ -262,7 +262,7 @@ def plan_run(config, hidden, layers, folder):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak RSS restarts from here: the plan's probe and the load's transients are not counted
     for step in (1, 2):  # the second step holds AdamW's state too
-        stage.one_update(module, params, opt, sched, [batch], args, rt, step)
+        stage.one_update(module, params, opt, sched, [batch], args, runtime, step)
     return plan, (peak_mb() - before) * 2**20
 
 
@@ -277,13 +277,13 @@ def recipe_counts(config, layers, folder):
 
     args = argparse.Namespace(**vars(LORA), max_length=512)
     args.load_in_4bit = config == "4bit"
-    rt = stage.Runtime("bf16")
+    runtime = stage.Runtime("bf16")
     model = stage.load_base_model(os.path.join(folder, f"l{layers}"), load_in_4bit=args.load_in_4bit,
                                   dtype=torch.bfloat16, fp32_head=True, compute_dtype=torch.bfloat16)
     model = stage.add_lora(model, args)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16
-    return [weights, trainable, *stage.saved_bytes(model, args, rt)]
+    return [weights, trainable, *stage.saved_bytes(model, args, runtime)]
 
 
 def recipes_7b():

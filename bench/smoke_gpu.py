@@ -100,8 +100,8 @@ def step_speed(vocab, pairs, length, steps, size):
     """tokens/s per loss (median over `steps` after one warm-up) and peak memory against the plan."""
     import stage
 
-    rt = stage.Runtime("bf16")
-    model, n_params = big_model(vocab, rt.device, size)
+    runtime = stage.Runtime("bf16")
+    model, n_params = big_model(vocab, runtime.device, size)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (2 * pairs, length), generator=g)
     resp = torch.zeros_like(ids, dtype=torch.bool)
@@ -116,18 +116,18 @@ def step_speed(vocab, pairs, length, steps, size):
         args = argparse.Namespace(batch_size=pairs, max_length=length, chunk_size=256, load_in_4bit=False,
                                   gradient_checkpointing=False, grad_accum=1, loss_reduction="mean",
                                   max_grad_norm=1.0, skip_nonfinite=True, out=os.devnull)
-        lc = stage.LossConfig(loss=loss, measure=measure or None, level=LEVELS.get(measure))
-        module = stage.PairLoss(model, lc)
-        if rt.device.type == "cuda":
+        loss_config = stage.LossConfig(loss=loss, measure=measure or None, level=LEVELS.get(measure))
+        module = stage.PairLoss(model, loss_config)
+        if runtime.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        plan = stage.memory_plan(model, args, rt)
+        plan = stage.memory_plan(model, args, runtime)
         times = []
         for i in range(steps + 1):
             t0 = time.time()
-            stage.one_update(module, params, opt, sched, [batch], args, rt, i + 1)  # reads the metrics: a sync
+            stage.one_update(module, params, opt, sched, [batch], args, runtime, i + 1)  # reads the metrics: a sync
             times.append(time.time() - t0)
-        peak = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else float("nan")
+        peak = torch.cuda.max_memory_allocated(runtime.device) if runtime.device.type == "cuda" else float("nan")
         rows.append({"vocab": vocab, "loss": config, "params": n_params, "tokens_per_s":
                      round(2 * pairs * length / statistics.median(times[1:])), "peak_gb": round(peak / 2**30, 2),
                      "plan_gb": round(plan / 2**30, 2)})
@@ -135,7 +135,7 @@ def step_speed(vocab, pairs, length, steps, size):
     for r in rows:
         r["time_over_dpo"] = round(dpo / r["tokens_per_s"], 3)
     del model, opt
-    if rt.device.type == "cuda":
+    if runtime.device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
 

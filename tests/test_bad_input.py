@@ -218,3 +218,20 @@ def test_each_script_exits_2_without_traceback(script, argv, message, tmp_path):
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and message in run.stderr
     assert len([line for line in run.stderr.splitlines() if "error:" in line]) == 1
+
+
+def test_ctrl_c_in_a_stage_is_one_line_naming_resume(monkeypatch, capsys, tiny_world, tmp_path):
+    """Ctrl-C (KeyboardInterrupt) during training: exit code 130 and one line saying that --resume continues."""
+    import stage
+    import train_reward_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "train", interrupted)
+    argv = ["--sft", os.path.join(tiny_world, "sft"), "--data", os.path.join(tiny_world, "train.jsonl"), "--out",
+            str(tmp_path / "out"), "--max_steps", "1"]
+    assert train_reward_stage.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train_reward_stage.py: interrupted; a stage continues from its last checkpoint with --resume"]
+    assert not os.path.exists(tmp_path / "out.lock")

@@ -95,6 +95,21 @@ def test_every_output_loads_with_stock_peft_as_the_project_loader_does(trained, 
     assert_stock_is_the_trained_policy(trained["safety"])
 
 
+def test_auto_peft_one_liner_loads_every_output_from_any_working_directory(trained, tmp_path, monkeypatch):
+    """AutoPeftModelForCausalLM.from_pretrained(folder), the one-liner peft users type, finds the base from another
+    working directory too: adapter_config.json records a local base as an absolute path (rsa_config.json keeps the
+    path relative to the folder, for moved run trees)."""
+    from peft import AutoPeftModelForCausalLM
+
+    ids = torch.randint(3, 40, (2, 12))
+    monkeypatch.chdir(tmp_path)
+    for folder in (trained["reward"], trained["safety"], os.path.join(trained["mix"], "q0.3")):
+        assert os.path.isabs(json.load(open(os.path.join(folder, "adapter_config.json")))["base_model_name_or_path"])
+        assert not os.path.isabs(outputs.read_stage(folder)["base_model"])
+        model = AutoPeftModelForCausalLM.from_pretrained(os.path.abspath(folder)).eval()
+        assert torch.allclose(logits(model, ids), logits(stage.load_policy(folder), ids), atol=1e-5), folder
+
+
 def assert_stock_is_the_trained_policy(folder):
     """A stage output loaded with stock peft gives, on the held-out pairs the stage split off (no --eval_data), the
     chosen log-probabilities the stage's final evaluation logged for the model it trained."""

@@ -53,40 +53,40 @@ class Scalar(torch.nn.Module):
         return loss, {"loss": loss.detach()}
 
 
-def scaled_step(module, rt, opt, sched):
+def scaled_step(module, runtime, opt, sched):
     args = argparse.Namespace(grad_accum=1, loss_reduction="mean", max_grad_norm=1.0, skip_nonfinite=False,
                               out="unused")
     batch = {"attention_mask": torch.ones(1, 1)}
-    return stage.one_update(module, list(module.parameters()), opt, sched, [batch], args, rt, 1)
+    return stage.one_update(module, list(module.parameters()), opt, sched, [batch], args, runtime, 1)
 
 
 def fp16_runtime(init_scale=1024.0):
-    rt = stage.Runtime("fp32")
-    rt.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # the fp16 path's scaler, on the CPU
-    return rt
+    runtime = stage.Runtime("fp32")
+    runtime.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # the fp16 path's scaler, on the CPU
+    return runtime
 
 
 def test_under_the_scaler_a_nonfinite_loss_stops_and_an_overflow_holds_the_schedule():
-    module, rt = Scalar(), fp16_runtime()
+    module, runtime = Scalar(), fp16_runtime()
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    m, applied = scaled_step(module, rt, opt, sched)
+    m, applied = scaled_step(module, runtime, opt, sched)
     assert applied and sched.last_epoch == 1 and not torch.equal(module.w.detach(), torch.ones(2))
     w = module.w.detach().clone()
     module.mode = "inf_grad"
-    m, applied = scaled_step(module, rt, opt, sched)
+    m, applied = scaled_step(module, runtime, opt, sched)
     assert applied and torch.equal(module.w.detach(), w)  # the scaler skipped the optimizer step
     assert sched.last_epoch == 1 and m["loss_scale"] == 512.0  # the schedule held, the scale halved
     module.mode = "nan_loss"
     with pytest.raises(outputs.UsageError, match="non-finite loss at step 1"):
-        scaled_step(module, rt, opt, sched)
+        scaled_step(module, runtime, opt, sched)
 
 
 def test_the_scaler_state_travels_in_checkpoints(tmp_path):
-    module, rt = Scalar(), fp16_runtime(init_scale=256.0)
+    module, runtime = Scalar(), fp16_runtime(init_scale=256.0)
     opt = torch.optim.AdamW(module.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    outputs.save_checkpoint(str(tmp_path), 3, module, opt, sched, {"c": 1}, rt, skipped=0, seconds=1.5)
+    outputs.save_checkpoint(str(tmp_path), 3, module, opt, sched, {"c": 1}, runtime, skipped=0, seconds=1.5)
     later = fp16_runtime(init_scale=65536.0)
     trainer = outputs.load_checkpoint(outputs.latest_checkpoint(str(tmp_path)), module, opt, sched, {"c": 1}, later)
     assert trainer["step"] == 3 and trainer["seconds"] == 1.5 and later.scaler.get_scale() == 256.0

@@ -439,9 +439,11 @@ def test_sum_of_advantages_is_the_ra_dpo_reward_of_the_loss(measure, level):
     flags = argparse.Namespace(loss="ra_dpo1", risk_measure=measure, risk_level=level, beta=beta, alpha=0.5,
                                split_vocab=False, loss_reduction="mean", chunk_size=5,
                                erm_on_rewards=measure == "erm")
-    lc = stage.LossConfig.from_args(flags)
-    logratio, _, seq_rr = risk.sequence_terms(pol, ref, head, head, labels, mask, lc.measure, lc.level, lc.chunk_size)
-    reward = risk.preference_loss(logratio, logratio, seq_rr, seq_rr, beta=lc.beta, variant=lc.loss)[1]
+    loss_config = stage.LossConfig.from_args(flags)
+    logratio, _, seq_rr = risk.sequence_terms(pol, ref, head, head, labels, mask, loss_config.measure,
+                                              loss_config.level, loss_config.chunk_size)
+    reward = risk.preference_loss(logratio, logratio, seq_rr, seq_rr, beta=loss_config.beta,
+                                  variant=loss_config.loss)[1]
     assert want.abs().max() > 0.1 and want.std() > 0.1  # a tree where the advantages matter
     # the vocabulary terms run in fp32 (risk.py's numerics), sums of 3 positions of size ~1: 1e-5 is fp32 rounding
     assert torch.allclose(reward.double(), want, atol=1e-5)
@@ -639,12 +641,13 @@ def test_stop_gradient_only_on_the_chosen_risk_of_ra_dpo2():
 
 def test_rewards_and_loss_values():
     lr_w, lr_l, rr_w, rr_l = torch.tensor([1.0]), torch.tensor([-1.0]), torch.tensor([0.5]), torch.tensor([2.0])
-    losses, cw, cl = risk.preference_loss(lr_w, lr_l, rr_w, rr_l, beta=0.1, alpha=0.5, variant="ra_dpo2")
+    losses, chosen_reward, rejected_reward = risk.preference_loss(lr_w, lr_l, rr_w, rr_l, beta=0.1, alpha=0.5,
+                                                                  variant="ra_dpo2")
     z = 0.1 * 2.0 - 0.5 * 0.1 * (2.0 - 0.5)
     assert losses.item() == pytest.approx(math.log1p(math.exp(-z)))
-    assert cw.item() == pytest.approx(0.15) and cl.item() == pytest.approx(0.1)
-    losses, cw, cl = risk.preference_loss(lr_w, lr_l, beta=0.1, variant="dpo")
-    assert losses.item() == pytest.approx(math.log1p(math.exp(-0.2))) and cw.item() == pytest.approx(0.1)
+    assert chosen_reward.item() == pytest.approx(0.15) and rejected_reward.item() == pytest.approx(0.1)
+    losses, chosen_reward, rejected_reward = risk.preference_loss(lr_w, lr_l, beta=0.1, variant="dpo")
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-0.2))) and chosen_reward.item() == pytest.approx(0.1)
     with pytest.raises(ValueError, match="choose one of"):
         risk.preference_loss(lr_w, lr_l, rr_w, rr_l, variant="ipo")
     with pytest.raises(ValueError, match="needs chosen_risk"):

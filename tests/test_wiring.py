@@ -93,12 +93,12 @@ def test_every_loss_and_measure_through_a_stage(loss, measure, level, pairs, tin
     n = ids.shape[0] // 2
     assert last["kl/chosen"] == pytest.approx(kl[:n].mean().item(), rel=1e-3, abs=1e-5)
     assert abs(last["kl/chosen"]) > 1e-3  # training moved the policy
-    rr = None if measure is None else risk.sequential_risk_ratio(pol, ref, mask, measure, level)
-    if rr is not None:
-        assert last["risk/chosen"] == pytest.approx(rr[:n].mean().item(), rel=1e-3, abs=1e-5)
-        assert last["risk/rejected"] == pytest.approx(rr[n:].mean().item(), rel=1e-3, abs=1e-5)
-    losses = risk.preference_loss(logratio[:n], logratio[n:], None if rr is None else rr[:n],
-                                  None if rr is None else rr[n:], 0.5, 0.5, loss)[0]
+    risk_ratio = None if measure is None else risk.sequential_risk_ratio(pol, ref, mask, measure, level)
+    if risk_ratio is not None:
+        assert last["risk/chosen"] == pytest.approx(risk_ratio[:n].mean().item(), rel=1e-3, abs=1e-5)
+        assert last["risk/rejected"] == pytest.approx(risk_ratio[n:].mean().item(), rel=1e-3, abs=1e-5)
+    losses = risk.preference_loss(logratio[:n], logratio[n:], None if risk_ratio is None else risk_ratio[:n],
+                                  None if risk_ratio is None else risk_ratio[n:], 0.5, 0.5, loss)[0]
     assert last["loss"] == pytest.approx(losses.mean().item(), rel=1e-3, abs=1e-5)
 
 
