@@ -556,13 +556,13 @@ def main(argv=None):
                    help="which parts to run (the budget part needs the sweep's RSA stages)")
     p.add_argument("--report", action="store_true", help="only the analysis of what is on disk")
     args = p.parse_args(argv)
-    try:
-        outputs.check_ranges(args, positive=("steps", "samples", "jobs"))
-        if any(seed < 0 for seed in args.seeds):
-            raise outputs.UsageError(f"--seeds must be 0 or more, got {args.seeds}")
-    except outputs.UsageError as e:
-        print(f"python -m studies.matched: error: {e}", file=sys.stderr)
-        return 2
+    return outputs.run_script("python -m studies.matched", lambda _: run(args))
+
+
+def run(args):
+    outputs.check_ranges(args, positive=("steps", "samples", "jobs"))
+    if any(seed < 0 for seed in args.seeds):
+        raise outputs.UsageError(f"--seeds must be 0 or more, got {args.seeds}")
     s = Study(os.path.abspath(args.out), os.path.abspath(args.world), args.steps, args.samples)
     if not args.report:
         if not os.path.exists(os.path.join(s.world, "world.json")):
@@ -578,15 +578,12 @@ def main(argv=None):
             run_all(jobs, args.jobs)
             run_all(later, args.jobs)
         except RuntimeError as e:
-            print(f"python -m studies.matched: error: {e}", file=sys.stderr)
-            return 1
+            raise outputs.UsageError(e) from None
     try:
         analyse(s, args.seeds)
     except FileNotFoundError as e:
-        print(f"python -m studies.matched: error: {e.filename}: missing; run the study's sweep (without --report) "
-              f"for seeds {args.seeds} first", file=sys.stderr)
-        return 2
-    return 0
+        raise outputs.UsageError(f"{e.filename}: missing; run the study's sweep (without --report) for seeds "
+                                 f"{args.seeds} first") from None
 
 
 if __name__ == "__main__":

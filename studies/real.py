@@ -250,12 +250,7 @@ def main(argv=None):
     p.add_argument("--full", action="store_true",
                    help="the paper's lengths: 512 tokens, 8 pairs a step, 300 steps (the default on a GPU)")
     args = p.parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, data.DataError) as e:
-        print(f"python -m studies.real: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return outputs.run_script("python -m studies.real", lambda _: run(args))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import shutil
 import sys
 import time
 
+import outputs
+
 BENIGN_TOPICS = ("cooking", "travel", "math", "coding", "gardening", "fitness")
 HARM_CATEGORIES = ("crime", "emotional_harm", "immoral", "insult", "physical_harm", "pornographic", "privacy",
                    "social_bias")
@@ -340,12 +342,14 @@ def main(argv=None):
     b.add_argument("--seed", type=int, default=0, help="world seed (data and SFT)")
     b.add_argument("--overwrite", action="store_true", help="replace a different world already in --out")
     args = parser.parse_args(argv)
-    try:
-        build(args.out, args.size, args.seed, args.overwrite)
-    except (OSError, ValueError) as e:
-        print(f"python -m toy: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    def build_world(_):
+        try:
+            build(args.out, args.size, args.seed, args.overwrite)
+        except (OSError, ValueError) as e:
+            raise outputs.UsageError(e) from None
+
+    return outputs.run_script("python -m toy", build_world)
 
 
 if __name__ == "__main__":
