@@ -31,6 +31,7 @@ import sys
 
 import evaluate
 import outputs
+import stage
 import train_safety_stage
 from outputs import UsageError
 
@@ -46,10 +47,10 @@ def build_parser():
     p.add_argument("--reward_model", default=None, help="with --scorer models")
     p.add_argument("--cost_model", default=None, help="with --scorer models")
     p.add_argument("--constraint", default="cvar_cost_0.05", choices=CONSTRAINTS, help="the constrained quantity")
-    p.add_argument("--budget", type=float, required=True, help="the constraint must be at most this")
+    p.add_argument("--budget", type=outputs.number, required=True, help="the constraint must be at most this")
     p.add_argument("--iterations", type=int, default=5, help="dual iterations")
-    p.add_argument("--lambda_init", type=float, default=1.0, help="lambda_0 (0: start from pi_r itself)")
-    p.add_argument("--dual_lr", type=float, default=1.0, help="step size of the dual update")
+    p.add_argument("--lambda_init", type=outputs.number, default=1.0, help="lambda_0 (0: start from pi_r itself)")
+    p.add_argument("--dual_lr", type=outputs.number, default=1.0, help="step size of the dual update")
     p.add_argument("--num_samples", type=int, default=8, help="samples per evaluation prompt")
     p.add_argument("--max_new_tokens", type=int, default=128, help="generation length of the evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the stages' training and the evaluation's sampling")
@@ -65,6 +66,12 @@ def parse(argv):
         raise UsageError("--beta: the loop sets beta_s = beta_r / lambda itself; drop the flag")
     if any(f in stage_flags for f in ("--reward_stage", "--out", "--resume", "--overwrite")):
         raise UsageError("--out / --resume / --overwrite of the stages are the loop's own")
+    if args.scorer == "models" and not (args.reward_model or args.cost_model):
+        raise UsageError("--scorer models needs --reward_model and/or --cost_model")
+    evaluate.scorable_prompts(args.prompts, "test", args.scorer)
+    # the flags for the safety stage, parsed by its own parser now, before anything is written
+    stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", args.reward_stage, "--data", args.data,
+                                                         "--out", os.path.join(args.out, "check"), *stage_flags])
     return args, stage_flags
 
 

@@ -442,6 +442,23 @@ def load_prompt_set(source, split):
     return out
 
 
+def scorable_prompts(source, split, scorer):
+    """load_prompt_set, refusing up front (before any sampling) a set that `scorer` cannot score: the toy world's
+    ground truth knows its own prompts only."""
+    prompts = load_prompt_set(source, split)
+    if scorer == "toy":
+        from toy import world as toy
+
+        for prompt in prompts:
+            try:
+                toy.parse_prompt(prompt["prompt"])
+            except ValueError:
+                raise UsageError(f"--prompts {source}: {prompt['prompt'][:60]!r} is not a toy-world prompt, which "
+                                 "--scorer toy cannot score; use --scorer models (or none), or a toy world's "
+                                 "prompts") from None
+    return prompts
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=outputs.HelpFormatter)
     p.add_argument("--policies", nargs="+", required=True,
@@ -461,8 +478,8 @@ def build_parser():
     p.add_argument("--kl_reference", default=None, help="reference policy of the KL (default: the baseline)")
     p.add_argument("--num_samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (then --num_samples must be 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--temperature", type=outputs.number, default=1.0, help="sampling temperature")
+    p.add_argument("--top_p", type=outputs.number, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--max_new_tokens", type=int, default=128, help="generation length limit")
     p.add_argument("--batch_size", type=int, default=64, help="sequences generated at once")
     p.add_argument("--prompt_format", default="auto", choices=data.PROMPT_FORMATS,
@@ -509,7 +526,9 @@ def run(args):
     for p in args.policies:
         if not os.path.exists(p) and not outputs.is_hub_name(p):
             raise UsageError(f"{p}: no such policy folder or model file")
-    prompts = load_prompt_set(args.prompts, args.prompts_split)
+        if outputs.is_stage(p):
+            outputs.read_stage(p)  # an unfinished stage output is refused before anything is written
+    prompts = scorable_prompts(args.prompts, args.prompts_split, args.scorer)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
     device = resolve_device(args.device)

@@ -208,7 +208,7 @@ def main(argv=None):
                                      formatter_class=outputs.HelpFormatter)
     parser.add_argument("--first", required=True, help="first-stage policy (RSA(H->S): the reward stage's output)")
     parser.add_argument("--second", required=True, help="second-stage policy (RSA(H->S): the safety stage's output)")
-    parser.add_argument("--q", type=float, nargs="+", required=True,
+    parser.add_argument("--q", type=outputs.number, nargs="+", required=True,
                         help="weights of the FIRST policy, each in [0, 1] (SACPO's configs name 1 - q)")
     parser.add_argument("--out", required=True, help="folder that receives one subfolder per q")
     parser.add_argument("--merged", action="store_true", help="also write q*/merged/, the full merged model")

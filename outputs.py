@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -53,6 +54,14 @@ def run_script(prog, main, argv=None):
         print(f"{prog}: interrupted; a stage continues from its last checkpoint with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def number(text):
+    """An argparse type: a finite float (nan and inf are refused where a number is taken)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
 
 
 def check_ranges(args, positive=(), non_negative=(), fractions=()):
@@ -250,11 +259,39 @@ def config_values(path, parser):
         values = values["args"]  # a finished run's rsa_config.json
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
-    dests = {a.dest for a in parser._actions}
-    for key in values:
-        if key.replace("-", "_") not in dests:
+    actions = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, value in values.items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
             raise UsageError(f"--config {path}: unknown key {key!r} (not a flag of {parser.prog})")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+        try:
+            out[action.dest] = config_value(value, action)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise UsageError(f"--config {path}: key {key!r}: {value!r} is not {e}") from None
+    return out
+
+
+def config_value(value, action):
+    """A config file's value for `action`, checked and converted as the command line would (the error says what
+    was expected)."""
+    if action.nargs == 0:  # store_true
+        if not isinstance(value, bool):
+            raise TypeError("true or false")
+        return value
+    if value is None and action.default is None:
+        return None
+    kind = action.type or str
+    expected = {int: "an integer", str: "a string", number: "a finite number"}.get(kind, f"a valid {action.dest}")
+    if not isinstance(value, str | int | float) or isinstance(value, bool) or kind is int and isinstance(value, float):
+        raise TypeError(expected)
+    try:
+        converted = kind(value) if isinstance(value, str) or kind is not str else str(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise TypeError(expected) from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError("one of " + ", ".join(map(str, action.choices)))
+    return converted
 
 
 def run_config(args, stage, extra):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 import outputs
 import risk
-from outputs import UsageError
+from outputs import UsageError, number
 
 # The Ra-DPO authors' published setup (docs/math.md Sec. 4 and 8), from zlj123-max/Ra-DPO: config/config.yaml
 # (lr 5e-6, warmup_steps 150), config/model/base_model.yaml (max_grad_norm 5.0, max_length 512,
@@ -199,8 +199,8 @@ def add_shared_flags(p):
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the model, recorded")
     g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
     g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA scaling numerator (update x alpha / r)")
-    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input (policy pass only)")
+    g.add_argument("--lora_alpha", type=number, default=32.0, help="LoRA scaling numerator (update x alpha / r)")
+    g.add_argument("--lora_dropout", type=number, default=0.05, help="dropout on the LoRA input (policy pass only)")
     g.add_argument("--lora_target_modules", default="all-linear",
                    help="comma-separated module names, or all-linear (every linear layer but the output head)")
     data.add_flags(p.add_argument_group("data"))
@@ -208,28 +208,28 @@ def add_shared_flags(p):
     g.add_argument("--loss", default="ra_dpo2", choices=risk.VARIANTS, help="the preference loss")
     g.add_argument("--risk_measure", default="cvar_radpo", choices=risk.MEASURES,
                    help="expectation gives TDPO; cvar is the paper form, cvar_radpo the authors' code form")
-    g.add_argument("--risk_level", type=float, default=0.95, help="CVaR tail mass in (0, 1], or ERM's mu > 0")
+    g.add_argument("--risk_level", type=number, default=0.95, help="CVaR tail mass in (0, 1], or ERM's mu > 0")
     g.add_argument("--erm_on_rewards", action="store_true",
                    help="erm: --risk_level is mu on the implicit reward beta * D instead of on D, so one value means "
                         "one risk aversion at every beta (mu on D = level x beta; docs/math.md Sec. 2)")
-    g.add_argument("--alpha", type=float, default=0.5, help="ra_dpo2 loss weight of the risk term (not the level)")
+    g.add_argument("--alpha", type=number, default=0.5, help="ra_dpo2 loss weight of the risk term (not the level)")
     g.add_argument("--split_vocab", action="store_true", help="cvar_radpo: the authors' two-halves threshold quirk")
     g.add_argument("--loss_reduction", default="mean", choices=("mean", "sum"),
                    help="over pairs in a batch (the Ra-DPO code sums)")
     g.add_argument("--radpo_parity", action="store_true",
                    help="the Ra-DPO authors' setup: " + ", ".join(f"{k}={v}" for k, v in RADPO_PARITY.items()))
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LoRA weights")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
+    g.add_argument("--lr", type=number, default=1e-4, help="AdamW learning rate of the LoRA weights")
+    g.add_argument("--epochs", type=number, default=1.0, help="passes over the training pairs")
     g.add_argument("--max_steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
     g.add_argument("--batch_size", type=int, default=8, help="pairs per micro-batch")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--warmup_ratio", type=float, default=0.03, help="linear warm-up, as a share of the steps")
+    g.add_argument("--warmup_ratio", type=number, default=0.03, help="linear warm-up, as a share of the steps")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps; overrides --warmup_ratio if > 0")
     g.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"),
                    help="learning-rate decay after the warm-up")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--max_grad_norm", type=number, default=1.0, help="gradient clipping")
+    g.add_argument("--weight_decay", type=number, default=0.0, help="AdamW weight decay")
     g.add_argument("--chunk_size", type=int, default=256, help="response positions per chunk of vocabulary terms")
     g.add_argument("--seed", type=int, default=42, help="data order, held-out split and LoRA initialisation")
     g.add_argument("--skip_nonfinite", action="store_true",

@@ -39,7 +39,7 @@ def build_parser():
     g = p.add_argument_group("reward stage")
     g.add_argument("--sft", required=True,
                    help="the SFT model: policy start and frozen reference (a local folder, a hub id or a .gguf file)")
-    g.add_argument("--beta", type=float, default=0.1, help="beta_r, the KL temperature of the reward stage")
+    g.add_argument("--beta", type=outputs.number, default=0.1, help="beta_r, the KL temperature of the reward stage")
     g.add_argument("--preference", default="better", choices=data.PREFERENCES,
                    help="which PKU label picks the chosen response: better (helpfulness; RSA(H->S)) or safer "
                         "(harmlessness first; RSA(S->H))")

@@ -51,7 +51,7 @@ def build_parser():
                    help="pi_r, the start and the frozen reference: the output folder of train_reward_stage.py, or an "
                         "already helpful model (a folder, a hub id or a .gguf file)")
     g.add_argument("--sft", default=None, help="optional: the SFT model the reward stage should sit on (checked)")
-    g.add_argument("--beta", type=float, default=0.01,
+    g.add_argument("--beta", type=outputs.number, default=0.01,
                    help="beta_s = beta_r / lambda: a smaller beta_s is a larger lambda, a stronger safety step")
     g.add_argument("--preference", default=None, choices=data.PREFERENCES,
                    help="which PKU label picks the chosen response (default: the one the reward stage did not use, "

@@ -16,6 +16,7 @@ from helpers import write_jsonl
 from test_stages import FAST, subset
 
 import data
+import dual_alignment
 import evaluate
 import merge_policies
 import outputs
@@ -86,9 +87,16 @@ def env(tiny_world, full_world, tmp_path_factory):
     (files["not_a_model"] / "config.json").write_text('{"hello": 1}')
     files["fake_gguf"] = tmp / "fake.gguf"
     files["fake_gguf"].write_text("not a GGUF file")
+    for name, text in CONFIGS.items():
+        files[f"config_{name}"] = tmp / f"config_{name}.yaml"
+        files[f"config_{name}"].write_text(text)
     return {"tmp": tmp, "pairs": pairs, "reward": reward, "safety": safety, "other": other,
             "unfinished": str(unfinished), "mix": mix, "eval": eval_out, "world": tiny_world, "full": full_world,
             **{k: str(v) for k, v in files.items()}}
+
+
+CONFIGS = {"list": "lr: [1, 2]\n", "null": "lr: null\n", "float_int": "max_steps: 2.5\n", "nan": "lr: .nan\n",
+           "choice": "loss: foo\n", "bool": "strict: 3\n", "unknown": "lrr: 0.1\n"}
 
 
 def cases(e):
@@ -99,6 +107,8 @@ def cases(e):
     s = lambda *argv: (train_safety_stage.main, [*argv, "--out", new], e["safety"])  # noqa: E731
     m = lambda *argv: (merge_policies.main, [*argv, "--out", e["mix"]], e["mix"])  # noqa: E731
     v = lambda *argv: (evaluate.main, [*argv, "--out", e["eval"]], e["eval"])  # noqa: E731
+    d = lambda *argv: (dual_alignment.main, ["--reward_stage", e["reward"], "--data", e["pairs"], "--prompts",  # noqa: E731
+                                             e["world"], *argv, "--out", new], e["reward"])
     return [
         (*r(e["bad_json"]), "bad.jsonl: line 2: not valid JSON"),
         (*r(e["truncated_gz"]), "cut.jsonl.gz: cannot read"),
@@ -175,15 +185,52 @@ def cases(e):
         (study_real.main, ["--out", new, "--data", str(e["tmp"] / "nowhere.jsonl.gz")], e["reward"],
          "--data " + str(e["tmp"] / "nowhere.jsonl.gz") + ": no such file"),
         (study_real.main, ["--out", new, "--prompts", e["no_prompts"]], e["reward"], "no_prompts.json: no prompts"),
+        # config values checked as the flags are
+        *[(*r(e["pairs"], "--config", e[f"config_{name}"]), f"config_{name}.yaml: key {message}")
+          for name, message in (("list", "'lr': [1, 2] is not a finite number"),
+                                ("null", "'lr': None is not a finite number"),
+                                ("float_int", "'max_steps': 2.5 is not an integer"),
+                                ("nan", "'lr': nan is not a finite number"),
+                                ("choice", "'loss': 'foo' is not one of dpo, ra_dpo1, ra_dpo2"),
+                                ("bool", "'strict': 3 is not true or false"))],
+        (*r(e["pairs"], "--config", e["config_unknown"]), "unknown key 'lrr' (not a flag of train_reward_stage.py)"),
+        # no NaN or infinity where a number is taken
+        (*r(e["pairs"], "--beta", "nan"), "argument --beta: expected a finite number, got nan"),
+        (*r(e["pairs"], "--lr", "inf"), "argument --lr: expected a finite number, got inf"),
+        (*s("--reward_stage", e["reward"], "--data", e["pairs"], "--risk_level=-inf"),
+         "argument --risk_level: expected a finite number, got -inf"),
+        (*m("--first", e["reward"], "--second", e["safety"], "--q", "nan"), "argument --q: expected a finite number"),
+        (*v("--policies", e["reward"], "--prompts", e["world"], "--temperature", "nan"),
+         "argument --temperature: expected a finite number"),
+        (*d("--budget", "nan"), "argument --budget: expected a finite number, got nan"),
+        (*d("--budget", "5", "--dual_lr", "inf"), "argument --dual_lr: expected a finite number, got inf"),
+        # everything checked before anything is written
+        (*d("--budget", "5", "--no_such_flag", "1"), "unrecognized arguments: --no_such_flag 1"),
+        (*d("--budget", "5", "--scorer", "models"), "--scorer models needs --reward_model and/or --cost_model"),
+        (*d("--budget", "5", "--prompts", "redteam"), "is not a toy-world prompt, which --scorer toy cannot score"),
+        (*v("--policies", e["reward"], "--prompts", "redteam"), "is not a toy-world prompt"),
+        (evaluate.main, ["--policies", e["unfinished"], "--prompts", e["world"], "--out", new], e["reward"],
+         "the stage did not finish"),
+        (merge_policies.main, ["--first", e["unfinished"], "--second", e["safety"], "--q", "0.5", "--out", new],
+         e["reward"], "the stage did not finish"),
+        (dual_alignment.main, ["--reward_stage", e["unfinished"], "--data", e["pairs"], "--prompts", e["world"],
+                               "--budget", "5", "--out", new], e["reward"], "the stage did not finish"),
+        (dual_alignment.main, ["--reward_stage", e["safety"], "--data", e["pairs"], "--prompts", e["world"],
+                               "--budget", "5", "--out", new], e["reward"], "is a safety stage output"),
+        (*v("--policies", e["reward"], "--prompts", e["world"], "--top_p", "nan"),
+         "argument --top_p: expected a finite number"),
     ]
 
 
 def test_table_of_bad_inputs(env, capsys):
     table = cases(env)
-    assert len(table) >= 40
+    assert len(table) >= 80
     for main, argv, keep, message in table:
         before = tree_digest(keep)
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own errors (a type or an unknown flag): one line, exit code 2
+            code = e.code
         err = capsys.readouterr().err
         error_lines = [line for line in err.splitlines() if "error:" in line]
         assert code == 2, (argv, err)
