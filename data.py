@@ -37,6 +37,8 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 HH_HARMLESS_TEST = os.path.join(ASSETS, "hh-rlhf-harmless-base-test.jsonl.gz")  # hub: Anthropic/hh-rlhf
 REDTEAM_PROMPTS = os.path.join(ASSETS, "redteam-83-prompts.json")
 HELPFUL_PROMPTS = os.path.join(ASSETS, "helpful-129-prompts.json")
+XSTEST_PROMPTS = os.path.join(ASSETS, "xstest-prompts.csv")  # hub: Paul/XSTest
+XSTEST_COMPLETIONS = os.path.join(ASSETS, "xstest-labelled-completions.jsonl.gz")  # human refusal labels
 
 PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 SCHEMAS = ("pku", "hh", "plain", "conversational")
@@ -337,11 +339,17 @@ def _conversation_to_pair(row, row_no, source, drops):
 
 
 def load_prompts(source):
-    """Evaluation prompts from a json/jsonl file of objects with `prompt` (and optionally `category`), or of strings."""
+    """Evaluation prompts from a json/jsonl file of objects with `prompt` (optionally `category`, and `should_refuse`:
+    true for a prompt a safe model declines, false for one it should answer)."""
     rows = read_rows(source)
     prompts = []
     for row_no, row in rows:
-        prompts.append({"prompt": _text(row, "prompt", source, row_no), "category": str(row.get("category", "all"))})
+        should_refuse = row.get("should_refuse")
+        if should_refuse is not None and not isinstance(should_refuse, bool):
+            raise DataError(f"{source}: row {row_no}: field 'should_refuse' must be true or false, got "
+                            f"{should_refuse!r}")
+        prompts.append({"prompt": _text(row, "prompt", source, row_no), "category": str(row.get("category", "all")),
+                        "should_refuse": should_refuse})
     if not prompts:
         raise DataError(f"{source}: no prompts (expected objects with a 'prompt' field)")
     return prompts

@@ -42,6 +42,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring as written, and every flag's default."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a stage's step: says which step, the last checkpoint, and how to continue."""
+
+
+@contextlib.contextmanager
+def interruptible(work, step):
+    try:
+        yield
+    except KeyboardInterrupt:
+        last = latest_checkpoint(work)
+        raise Interrupted(f"in step {step}; " + (f"the last checkpoint is {last}: rerun the same command with --resume "
+                                                 "to continue from it" if last else "no checkpoint yet: rerun the "
+                                                 "same command with --overwrite to start over")) from None
+
+
 def run_script(prog, main, argv=None):
     """`main(argv)` as a script: a user error (UsageError, data.DataError) is one line on stderr and exit code 2,
     Ctrl-C one line and exit code 130."""
@@ -50,8 +65,9 @@ def run_script(prog, main, argv=None):
     except (UsageError, data.DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; a stage continues from its last checkpoint with --resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted " + (str(e) or "(a stage continues from its last checkpoint with --resume)"),
+              file=sys.stderr)
         return 130
     return 0
 

@@ -660,10 +660,7 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, r
     torch.manual_seed(args.seed)  # after the plan's probe forward (its dropout draws), on every rank alike
     first_step, skipped, seconds = outputs.start_or_resume(model, opt, sched, args, cfg, runtime, work)
     if runtime.main:
-        print(f"[train] {cfg['stage']} stage: {len(train_examples)} pairs, {total} steps of {args.batch_size} x "
-              f"{args.grad_accum} pairs x {runtime.world} process(es); loss {loss_config.loss}"
-              + ("" if loss_config.measure is None else f" ({loss_config.measure}, level {args.risk_level})")
-              + f", beta {loss_config.beta}; {runtime.precision} on {runtime.device}", flush=True)
+        announce(cfg, args, loss_config, len(train_examples), total, runtime)
     log = outputs.Reporter(work, args.report_to, cfg) if runtime.main else None
     loss_module = PairLoss(model, loss_config, reference)
     final_eval = held_out(0, loss_module, eval_examples, args, runtime, log, pad) if first_step == 1 else None
@@ -675,7 +672,8 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, r
     for step in tqdm(range(first_step, total + 1), desc=f"{cfg['stage']} stage", file=sys.stdout, mininterval=1,
                      disable=not runtime.main, initial=first_step - 1, total=total):
         micro = (data.collate([train_examples[i] for i in next(stream)], pad) for _ in range(args.grad_accum))
-        m, applied = one_update(wrapped, params, opt, sched, micro, args, runtime, step)
+        with outputs.interruptible(work, step):
+            m, applied = one_update(wrapped, params, opt, sched, micro, args, runtime, step)
         skipped += not applied
         if not applied:
             tqdm.write(f"[train] step {step}: non-finite loss or gradient; batch skipped ({skipped} so far)",
@@ -699,6 +697,13 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, r
               + (f" ({skipped} non-finite batches skipped)" if skipped else ""), flush=True)
     runtime.barrier()
     return final_eval
+
+
+def announce(cfg, args, loss_config, n_pairs, total, runtime):
+    print(f"[train] {cfg['stage']} stage: {n_pairs} pairs, {total} steps of {args.batch_size} x {args.grad_accum} "
+          f"pairs x {runtime.world} process(es); loss {loss_config.loss}"
+          + ("" if loss_config.measure is None else f" ({loss_config.measure}, level {args.risk_level})")
+          + f", beta {loss_config.beta}; {runtime.precision} on {runtime.device}", flush=True)
 
 
 def log_window(log, step, total, window):

@@ -267,18 +267,30 @@ def test_each_script_exits_2_without_traceback(script, argv, message, tmp_path):
     assert len([line for line in run.stderr.splitlines() if "error:" in line]) == 1
 
 
-def test_ctrl_c_in_a_stage_is_one_line_naming_resume(monkeypatch, capsys, tiny_world, tmp_path):
-    """Ctrl-C (KeyboardInterrupt) during training: exit code 130 and one line saying that --resume continues."""
+def test_ctrl_c_in_a_stage_is_one_line_naming_the_step_the_checkpoint_and_resume(monkeypatch, capsys, tiny_world,
+                                                                                   tmp_path):
+    """Ctrl-C (KeyboardInterrupt) in step 3 of a run that checkpoints every 2 steps: exit code 130 and one line that
+    names the step, the checkpoint of step 2 and --resume, which then finishes the run."""
     import stage
     import train_reward_stage
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    update = stage.one_update
 
-    monkeypatch.setattr(stage, "train", interrupted)
-    argv = ["--sft", os.path.join(tiny_world, "sft"), "--data", os.path.join(tiny_world, "train.jsonl"), "--out",
-            str(tmp_path / "out"), "--max_steps", "1"]
+    def interrupted_in_step_3(*args):
+        if args[-1] == 3:
+            raise KeyboardInterrupt
+        return update(*args)
+
+    out = str(tmp_path / "out")
+    argv = ["--sft", os.path.join(tiny_world, "sft"), "--data", os.path.join(tiny_world, "train.jsonl"), "--out", out,
+            "--max_steps", "4", "--save_every", "2", *FAST]
+    monkeypatch.setattr(stage, "one_update", interrupted_in_step_3)
     assert train_reward_stage.main(argv) == 130
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["train_reward_stage.py: interrupted; a stage continues from its last checkpoint with --resume"]
-    assert not os.path.exists(tmp_path / "out.lock")
+    checkpoint = os.path.join(out + ".tmp", "checkpoints", "step-00000002")
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"train_reward_stage.py: interrupted in step 3; the last checkpoint is {checkpoint}: rerun the same command "
+        "with --resume to continue from it"]
+    assert not os.path.exists(out + ".lock")
+    monkeypatch.setattr(stage, "one_update", update)
+    assert train_reward_stage.main([*argv, "--resume"]) == 0
+    assert json.load(open(os.path.join(out, outputs.COMPLETE_FILE)))["steps"] == 4

@@ -220,7 +220,9 @@ def test_carried_assets_are_the_published_files_and_load():
     """assets/ holds unchanged copies (digests in assets/README.md) that load as the evaluation sets."""
     digests = {data.HH_HARMLESS_TEST: "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",
                data.REDTEAM_PROMPTS: "11b70977db38f638500c7dd86f786aceca4a1ce97688ecc1bc4947b2c6ce7132",
-               data.HELPFUL_PROMPTS: "af2e5a1cce5dc49e8ec975d3a3f01a7b7f82b8e1e2317ac7cb291178b8f0d394"}
+               data.HELPFUL_PROMPTS: "af2e5a1cce5dc49e8ec975d3a3f01a7b7f82b8e1e2317ac7cb291178b8f0d394",
+               data.XSTEST_PROMPTS: "11783fb294ed017473ee53c207d71f2161c7672c8d0b037501e78387f801cb5a",
+               data.XSTEST_COMPLETIONS: "67b4e1834880021c0e674eaa09e2237a7e7928702ff9bd013b373c05c4253fef"}
     for path, digest in digests.items():
         with open(path, "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest, path
@@ -228,7 +230,7 @@ def test_carried_assets_are_the_published_files_and_load():
     counts = collections.Counter(p["category"] for p in redteam)
     assert len(redteam) == 83 and len(counts) == 8 and counts["Social Bias"] == 14 and counts["Pornographic"] == 9
     assert len(data.load_prompts(data.HELPFUL_PROMPTS)) == 129
-    for name in ("hh-rlhf-LICENSE", "sacpo-assets-LICENSE", "README.md"):
+    for name in ("hh-rlhf-LICENSE", "sacpo-assets-LICENSE", "xstest-LICENSE", "README.md"):
         assert os.path.exists(os.path.join(data.ASSETS, name))
 
 
