@@ -514,7 +514,8 @@ def report(results, args):
              "log-ratio alone, the one term DPO's loss differentiates) on the same path. fused: the closed-form "
              "gradient (the training path); autograd: the checkpointed chunks it replaced (still used with LoRA on "
              "the head); authors: their full-tensor transcription with torch.quantile. Peak RSS growth per "
-             "configuration in its own process (glibc returning every freed block of 64 KiB or more, so the peak is that of live tensors):", "",
+             "configuration in its own process (glibc returning every freed block of 64 KiB or more, so the peak is "
+             "that of live tensors):", "",
              "| configuration | time (s) | time / none | peak growth (MB) | memory / none |",
              "|---|---|---|---|---|"]
     for config, r in results["risk"].items():
