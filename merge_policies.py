@@ -117,7 +117,7 @@ def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged,
     with open(os.path.join(tmp, outputs.COMPLETE_FILE), "w") as f:  # written last: the completeness marker
         json.dump({"q": q}, f)
     if merged:  # the full model, for serving: the base plus this adapter, merged in fp32, saved in `dtype`
-        stage.load_policy(tmp).to(dtype).save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
+        outputs.save_model(stage.load_policy(tmp).to(dtype), os.path.join(tmp, "merged"))
         tokenizer.save_pretrained(os.path.join(tmp, "merged"))
     return cfg
 
@@ -134,7 +134,7 @@ def write_full_mixture(tmp, args, second_model, q, tokenizer, note, dtype):
         for k, a in sa.items():
             if a.is_floating_point():
                 a.copy_(q * a.float() + (1 - q) * sb[k].float())
-    first_model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+    outputs.save_model(first_model.to(dtype), tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, MIXTURE_FILE), "w") as f:
         json.dump({**note, "q": q}, f, indent=1)
@@ -162,6 +162,11 @@ def run(args):
     args.first, args.second = outputs.gguf_folder(args.first), outputs.gguf_folder(args.second)
     first_info, first_base, first_blocks = parent(args.first)
     second_info, second_base, second_blocks = parent(args.second)
+    on_second = first_info.get("parent") and os.path.abspath(outputs.resolved_path(first_info["parent"], args.first)) \
+        == os.path.abspath(args.second)
+    if on_second:  # the order slipped: q would weigh the safety stage
+        raise UsageError(f"--first {args.first} is the safety stage trained on --second {args.second}, but q is the "
+                         f"weight of the first-stage policy: pass --first {args.second} --second {args.first}")
     adapters = same_base(first_base, second_base) and (first_blocks or second_blocks)
     exact = bool(adapters and first_blocks and second_info.get("parent")
                  and os.path.abspath(outputs.resolved_path(second_info["parent"], args.second))

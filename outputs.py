@@ -156,7 +156,7 @@ def gguf_folder(path):
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: cannot load a causal LM from it ({str(e).splitlines()[0]})") from None
     tmp = f"{folder}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
+    save_model(model, tmp)
     tokenizer.save_pretrained(tmp)
     with contextlib.suppress(OSError):  # another process finished the same folder first: keep theirs
         os.replace(tmp, folder)
@@ -272,7 +272,7 @@ def config_values(path, parser):
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid yaml or json ({str(e).splitlines()[0]})") from None
     if isinstance(values, dict) and "stage" in values and isinstance(values.get("args"), dict):
-        values = values["args"]  # a finished run's rsa_config.json
+        values = replayed(values["args"], os.path.dirname(os.path.abspath(path)))  # a finished run's rsa_config.json
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions}
@@ -286,6 +286,20 @@ def config_values(path, parser):
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             raise UsageError(f"--config {path}: key {key!r}: {value!r} is not {e}") from None
     return out
+
+
+def replayed(args, folder):
+    """A finished run's args, its relative paths resolved against the directory that run started in (recorded in
+    its complete.json), so a replay from elsewhere reads the same files."""
+    try:
+        with open(os.path.join(folder, COMPLETE_FILE)) as f:
+            start = json.load(f).get("working_directory")
+    except (OSError, ValueError):
+        start = None
+    if not start:
+        return args
+    return {k: os.path.join(start, v) if isinstance(v, str) and not os.path.isabs(v) and not os.path.exists(v)
+            and os.path.exists(os.path.join(start, v)) else v for k, v in args.items()}
 
 
 def config_value(value, action):
@@ -381,6 +395,17 @@ def alive(pid):
 
 
 # ---------------------------------------------------------------------------------- 4. checkpoints and resume
+
+
+def save_model(model, folder):
+    """model.save_pretrained(folder) (safetensors), its files then given the user's umask (transformers writes the
+    weights through a private temporary file, mode 0600)."""
+    model.save_pretrained(folder)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 def fsync_write(path, write):
@@ -601,7 +626,7 @@ def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0):
         tokenizer.save_pretrained(work)
         write_model_card(work, cfg, summary.get("final_eval"))
         write_json(os.path.join(work, CONFIG_FILE), cfg)
-        write_json(os.path.join(work, COMPLETE_FILE), summary)
+        write_json(os.path.join(work, COMPLETE_FILE), {**summary, "working_directory": os.getcwd()})
     except OSError as e:
         raise write_failed(e, work, "the final output:") from None
     shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)

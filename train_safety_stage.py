@@ -145,7 +145,9 @@ def run(args):
         return
     print(f"[train] safety stage on {args.reward_stage} ({cfg['order']}): beta_s = {args.beta}" + (
         f" with beta_r = {beta_r}, so lambda = beta_r / beta_s = {beta_r / args.beta:g}" if beta_r else
-        " (pi_r is a plain model: no beta_r, no lambda)"), flush=True)
+        f" (pi_r is the plain model {args.reward_stage}, not a reward stage's output, so it is also the frozen "
+        "reference and there is no beta_r or lambda; to realign a reward stage, pass its output folder as "
+        "--reward_stage)"), flush=True)
     runtime = stage.Runtime(args.precision, args.deterministic)
     tokenizer = stage.load_tokenizer(args.reward_stage, args.trust_remote_code, args.revision)
     train_examples, held_out = data.train_and_held_out(args, tokenizer)

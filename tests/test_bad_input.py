@@ -217,6 +217,8 @@ def cases(e):
                                "--budget", "5", "--out", new], e["reward"], "the stage did not finish"),
         (dual_alignment.main, ["--reward_stage", e["safety"], "--data", e["pairs"], "--prompts", e["world"],
                                "--budget", "5", "--out", new], e["reward"], "is a safety stage output"),
+        (merge_policies.main, ["--first", e["safety"], "--second", e["reward"], "--q", "0.5", "--out", new],
+         e["reward"], "is the safety stage trained on --second"),
         (*v("--policies", e["reward"], "--prompts", e["world"], "--top_p", "nan"),
          "argument --top_p: expected a finite number"),
     ]

@@ -58,6 +58,23 @@ def test_a_saved_config_reproduces_the_run_and_flags_override_it(pairs, tiny_wor
     assert "unknown key 'learning_rate'" in err and len(err.strip().splitlines()) == 1, err  # nothing else printed
 
 
+def test_a_config_replay_from_another_directory_reads_the_same_files(pairs, tiny_world, tmp_path, monkeypatch):
+    """A run started with relative paths, replayed with --config from another directory: the saved paths resolve
+    against the directory the run started in (its complete.json records it)."""
+    import shutil
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    shutil.copy(pairs, start / "pairs.jsonl")
+    monkeypatch.chdir(start)
+    assert reward_main(["--sft", os.path.join(tiny_world, "sft"), "--data", "pairs.jsonl", "--out", "first",
+                        "--max_steps", "1", *FAST]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert reward_main(["--config", str(start / "first" / outputs.CONFIG_FILE), "--out", "again"]) == 0
+    assert outputs.read_stage("again")["args"]["data"] == str(start / "pairs.jsonl")
+
+
 def test_trl_preference_formats_load_as_pairs(tmp_path, capsys):
     """TRL's conversational rows (explicit prompt and implicit prompt), a save_to_disk folder (Dataset and
     DatasetDict), each giving the same pairs; a malformed message list is a one-line error naming the row."""

@@ -206,8 +206,12 @@ def test_prefix_check_drops_pairs_that_merge_across_the_boundary(capsys):
 
 def test_load_prompts(tmp_path):
     path = tmp_path / "p.json"
-    path.write_text(json.dumps([{"prompt": "a", "category": "Crime"}, {"prompt": "b"}]))
-    assert data.load_prompts(str(path)) == [{"prompt": "a", "category": "Crime"}, {"prompt": "b", "category": "all"}]
+    path.write_text(json.dumps([{"prompt": "a", "category": "Crime", "should_refuse": True}, {"prompt": "b"}]))
+    assert data.load_prompts(str(path)) == [{"prompt": "a", "category": "Crime", "should_refuse": True},
+                                            {"prompt": "b", "category": "all", "should_refuse": None}]
+    path.write_text(json.dumps([{"prompt": "a", "should_refuse": "yes"}]))
+    with pytest.raises(data.DataError, match="row 1: field 'should_refuse' must be true or false"):
+        data.load_prompts(str(path))
     path.write_text(json.dumps([{"text": "a"}]))
     with pytest.raises(data.DataError, match="row 1: missing field 'prompt'"):
         data.load_prompts(str(path))

@@ -130,6 +130,40 @@ def assert_stock_is_the_trained_policy(folder):
     assert got == pytest.approx(final["logps/chosen"], abs=1e-4)
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adapters_from_plain_peft_with_alpha_not_r_mix_as_peft_merges_them(tiny_world, tmp_path, rslora):
+    """Adapters made by plain peft with its own scaling (alpha != r; rsLoRA: alpha / sqrt(r)), read, mixed and
+    written as this project's adapters (scaling 1), load to exactly the mixture of peft's own merged weights."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sft = os.path.join(tiny_world, "sft")
+    base = AutoModelForCausalLM.from_pretrained(sft).state_dict()
+    blocks, merged = [], []
+    for seed, (r, alpha) in enumerate(((4, 16.0), (2, 3.0))):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"],
+                            use_rslora=rslora, task_type="CAUSAL_LM")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(sft), config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero: give the adapter an update
+                    p.normal_(0, 0.2)
+        folder = str(tmp_path / f"peft{seed}")
+        model.save_pretrained(folder)
+        blocks.append(merge_policies.read_adapter(folder))
+        merged.append(model.merge_and_unload().state_dict())
+    out = str(tmp_path / "mixed")
+    outputs.write_adapter(out, merge_policies.concat_adapters([(0.3, blocks[0]), (0.7, blocks[1])]), sft)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), out).merge_and_unload().state_dict()
+    moved = 0
+    for k, w in base.items():
+        want = w + 0.3 * (merged[0][k] - w) + 0.7 * (merged[1][k] - w)
+        assert torch.allclose(loaded[k], want, atol=1e-6), k
+        moved += not torch.equal(merged[0][k], w)
+    assert moved >= 3  # the adapters did change the weights they sit on
+
+
 def test_merged_writes_a_full_model_to_serve(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 

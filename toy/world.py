@@ -317,7 +317,7 @@ def build(out, size="full", seed=0, overwrite=False, log=print):
         json.dump([{"prompt": p, "category": c} for p, c in eval_prompts], f, indent=1)
     tokenizer = make_tokenizer()
     model, n_params = train_sft(tokenizer, size, seed, log)
-    model.save_pretrained(os.path.join(tmp, "sft"))
+    outputs.save_model(model, os.path.join(tmp, "sft"))
     tokenizer.save_pretrained(os.path.join(tmp, "sft"))
     rates = grammar_rates()
     info = {"size": size, "seed": seed, "sizes": cfg, "sft_parameters": n_params, "grammar_rates": rates,
