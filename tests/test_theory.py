@@ -1,0 +1,59 @@
+"""The enumerable world (toy/enumerable.py): its closed forms, its SFT model and its preference labels."""
+
+import math
+
+import pytest
+import torch
+
+import data
+import stage
+from toy import enumerable
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return enumerable.build(str(tmp_path_factory.mktemp("enum") / "world"), n_pairs=1500)
+
+
+def test_stepwise_optimum_equals_the_one_shot_optimum_to_float64():
+    """RSA's factorisation (docs/math.md Sec. 6): a second KL-regularised step from pi_r on -c at beta_s = beta_r /
+    lambda lands on the one-shot optimum of r - lambda c at beta_r: pi_r exp(-c / beta_s) / Y = pi_ref exp((r -
+    lambda c) / beta_r) / Z, per prompt, to float64 rounding."""
+    reward, cost, reference, _ = enumerable.tables()
+    assert torch.allclose(reference.sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-15)
+    for beta_r, lam in ((0.1, 10.0), (0.5, 2.0), (1.0, 0.3)):
+        pi_r = enumerable.dpo_optimum(reference, reward, beta_r)
+        stepwise = enumerable.dpo_optimum(pi_r, -cost, beta_r / lam)
+        one_shot = enumerable.dpo_optimum(reference, reward - lam * cost, beta_r)
+        assert (stepwise - one_shot).abs().max().item() < 1e-12
+        # the constrained optimum takes the rare costly branch less than pi_r does, which takes it more than pi_ref
+        costly = enumerable.COSTLY
+        assert (one_shot[:, costly] < pi_r[:, costly]).all() and (pi_r[:, costly] > reference[:, costly]).all()
+
+
+def test_the_sft_model_is_the_reference_table(world):
+    """The stages train a real model; its distribution over the 16 responses of each prompt is the table's (the
+    fit is good to KL 1e-3 per prompt and leaves under 1 % of the mass outside the listed responses)."""
+    reward, cost, reference = enumerable.load(world)
+    table, outside = enumerable.policy_table(stage.load_policy(f"{world}/sft"), stage.load_tokenizer(f"{world}/sft"))
+    assert enumerable.kl(reference, table) < 1e-3 and max(outside) < 0.01
+    assert (reference[:, enumerable.COSTLY] - 0.02).abs().max() < 1e-12  # the rare branch: 2 % of the reference
+
+
+def test_preference_files_load_as_pairs_with_bradley_terry_labels(world):
+    """Both labels of every pair follow Bradley-Terry: over the pairs, the number of times the first response is
+    the better one (on r) and the safer one (on -c) is within four standard deviations of its expectation (the sum
+    of the pairs' Bernoulli probabilities and variances), and the stages' data loader reads every pair."""
+    reward, cost, _ = enumerable.load(world)
+    index = {r: i for i, r in enumerate(enumerable.RESPONSES)}
+    prompt = {p: i for i, p in enumerate(enumerable.PROMPTS)}
+    for preference, values, sign in (("better", reward, 1.0), ("safer", cost, -1.0)):
+        rows = [row for _, row in data.read_rows(f"{world}/train.jsonl")]
+        key = f"{preference}_response_id"
+        probs = [1 / (1 + math.exp(-sign * (values[prompt[r["prompt"]], index[r["response_0"]]]
+                                            - values[prompt[r["prompt"]], index[r["response_1"]]]).item()))
+                 for r in rows]
+        first = sum(r[key] == 0 for r in rows)
+        mean, var = sum(probs), sum(p * (1 - p) for p in probs)
+        assert abs(first - mean) < 4 * math.sqrt(var), (preference, first, mean)
+        assert len(data.load_pairs(f"{world}/train.jsonl", preference)) == len(rows) == 3 * 1500
