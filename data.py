@@ -90,7 +90,7 @@ class Drops:
 # ---------------------------------------------------------------------------------------------- reading rows
 
 
-def _is_local(source):
+def is_local(source):
     return os.path.exists(source) or source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))
 
 
@@ -105,7 +105,7 @@ def read_rows(source, split="train", data_dir=None, config=None):
     Returns a list of (row number, dict); row numbers are 1-based lines for jsonl and csv (header = line 1),
     1-based positions otherwise.
     """
-    if not _is_local(source):
+    if not is_local(source):
         return _read_hub(source, split, data_dir, config)
     path = os.path.expanduser(source)
     if not os.path.exists(path):

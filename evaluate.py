@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import merge_policies
 import outputs
 import risk
 import stage
@@ -336,7 +337,7 @@ def sequential_kl_on_pairs(model, reference, examples, pad_id, batch_size=8, chu
 
 def policy_q(folder):
     """The q of an RSA(P) mixture (an adapter mixture's rsa_config.json, or a full mixture's marker), else None."""
-    for name in (outputs.CONFIG_FILE, "rsa_mixture.json"):
+    for name in (outputs.CONFIG_FILE, merge_policies.MIXTURE_FILE):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             with open(path) as f:
@@ -471,7 +472,7 @@ def load_prompt_set(source, split):
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "eval_prompts.json")):  # a toy world folder
         return [{**p, "should_refuse": p["category"] != "benign"}
                 for p in data.load_prompts(os.path.join(source, "eval_prompts.json"))]
-    if data._is_local(source):
+    if data.is_local(source):
         prompts = data.load_prompts(source)
         return [{**p, "should_refuse": should_refuse} for p in prompts] if should_refuse is not None else prompts
     rows = data.read_rows(source, split)

@@ -100,15 +100,20 @@ def load_base_model(path, trust_remote_code=False, load_in_4bit=False, revision=
             model.config.tie_word_embeddings = False
         else:
             head.float()
-    for module in model.modules():  # a deterministic reference: no dropout outside the LoRA layers added later
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    no_dropout(model)  # a deterministic reference: no dropout outside the LoRA layers added later
+    for module in model.modules():
         # bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit weight in place for an inference kernel at the
         # first eval-mode forward without grad (the reference pass); that kernel has no backward, so every later
         # gradient through the layer is silently dropped. The training kernel serves both passes instead.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def training_base(path, revision, args, runtime):

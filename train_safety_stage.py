@@ -96,9 +96,7 @@ def stacked_model(args, parent, runtime):
     base = stage.prepare_base(stage.training_base(path, revision, args, runtime), args)
     model = PeftModel.from_pretrained(base, args.reward_stage, adapter_name=REFERENCE, is_trainable=False,
                                       torch_device=str(next(base.parameters()).device))
-    for module in model.modules():  # stage 1 is part of pi_r: no dropout in the frozen adapter, policy pass included
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    stage.no_dropout(model)  # stage 1 is part of pi_r: no dropout in the frozen adapter, policy pass included
     torch.manual_seed(args.seed)
     model.add_adapter("default", stage.lora_config(args))
     model.base_model.set_adapter([REFERENCE, "default"])

@@ -13,12 +13,10 @@ import argparse
 import subprocess
 import sys
 
+import outputs
+
 BEGIN, END = "<!-- demo table: begin (python -m demo.readme_table) -->", "<!-- demo table: end -->"
 COMMAND = "make demo"
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default."""
 
 
 def report_table(path):
@@ -55,7 +53,8 @@ def commit():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m demo.readme_table", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m demo.readme_table", description=__doc__,
+                                formatter_class=outputs.HelpFormatter)
     p.add_argument("--report", default="runs/demo/report.md", help="the demo's report")
     p.add_argument("--readme", default="README.md", help="the page to paste into")
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when the tables differ")

@@ -189,7 +189,7 @@ def run(args):
     outputs.check_ranges(args, positive=("heldout", "steps", "batch_size", "max_length", "beta", "lr", "eval_every",
                                        "max_new_tokens"))
     for flag, path in (("--data", args.data), ("--prompts", args.prompts)):
-        if data._is_local(path) and not os.path.exists(path):
+        if data.is_local(path) and not os.path.exists(path):
             raise UsageError(f"{flag} {path}: no such file")
     data.load_prompts(args.prompts)  # a bad prompt file fails now, not after an hour of training
     model = outputs.gguf_folder(args.model or smollm2_gguf())
