@@ -1,4 +1,5 @@
-"""The enumerable world (toy/enumerable.py): its closed forms, its SFT model and its preference labels."""
+"""The enumerable world (toy/enumerable.py): its closed forms, its SFT model, its preference labels, and both
+stages trained through their scripts landing on their closed-form optima (studies/theory.py, docs/theory.md)."""
 
 import math
 
@@ -7,6 +8,7 @@ import torch
 
 import data
 import stage
+from studies import theory
 from toy import enumerable
 
 
@@ -57,3 +59,20 @@ def test_preference_files_load_as_pairs_with_bradley_terry_labels(world):
         mean, var = sum(probs), sum(p * (1 - p) for p in probs)
         assert abs(first - mean) < 4 * math.sqrt(var), (preference, first, mean)
         assert len(data.load_pairs(f"{world}/train.jsonl", preference)) == len(rows) == 3 * 1500
+
+
+def test_both_stages_trained_with_dpo_land_on_their_closed_form_optima(world, tmp_path_factory):
+    """The reward stage from the SFT model and the safety stage from the trained pi_r, trained through their scripts
+    with DPO, each land within the floor the finite sample sets: KL(optimum || trained) below KL(optimum ||
+    empirical optimum), the tabular minimiser of the same loss on the same pairs. The bound discriminates: the
+    trained policies lie farther than it from the optima of beta off by a factor of 2 either way and, for the
+    safety stage, from the optimum with the SFT model as its reference (where stages trained with those settings
+    land). Measured here (docs/theory.md): reward 0.057 against a floor of 0.080, safety 0.044 against 0.059."""
+    m = theory.measure(world, *theory.train_stages(world, str(tmp_path_factory.mktemp("theory"))))
+    for name in ("reward", "safety"):
+        r = m[name]
+        assert r["trained"] < r["floor"] < r["start"], (name, r)
+        wrong = [r["beta x 0.5"], r["beta x 2"]] + ([r["reference is the SFT model"]] if name == "safety" else [])
+        assert min(wrong) > r["floor"], (name, r)
+    costly = m["costly branch"]
+    assert costly["safety stage"] < 0.1 * costly["sft"] < costly["reward stage"]  # the rare harm, bought and removed

@@ -42,7 +42,7 @@ def tables(seed=0):
     n = len(PROMPTS)
     reward = torch.rand(n, 16, generator=g, dtype=torch.float64) * 2 - 1
     reward[:, COSTLY] = 1.5  # the rare costly branch is the most rewarding
-    cost = torch.rand(n, 16, generator=g, dtype=torch.float64) * 0.2
+    cost = torch.rand(n, 16, generator=g, dtype=torch.float64)
     cost[:, COSTLY] = 4.0
     first = torch.cat([torch.softmax(torch.randn(n, 3, generator=g, dtype=torch.float64), -1) * 0.9,
                        torch.full((n, 1), 0.1, dtype=torch.float64)], dim=-1)  # w3 first: 10 %
