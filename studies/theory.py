@@ -24,6 +24,7 @@ import sys
 import torch
 
 import data
+import merge_policies
 import outputs
 import stage
 import train_reward_stage
@@ -31,14 +32,16 @@ import train_safety_stage
 from toy import enumerable
 
 BETA_R, BETA_S = 0.5, 0.5
+QS = (0.25, 0.5, 0.75)
 FLAGS = ["--loss", "dpo", "--batch_size", "256", "--lr", "3e-3", "--max_steps", "300", "--max_length", "16",
          "--max_prompt_length", "12", "--lora_r", "8", "--lora_dropout", "0", "--eval_pairs", "0", "--save_every",
          "0", "--eval_every", "100000", "--log_every", "100", "--precision", "fp32"]
 
 
 def train_stages(world, out):
-    """The reward and the safety stage trained by their scripts; (reward folder, safety folder)."""
-    reward, safety = os.path.join(out, "reward"), os.path.join(out, "safety")
+    """The reward and the safety stage trained by their scripts, and their RSA(P) mixtures; (reward folder, safety
+    folder, mixtures folder)."""
+    reward, safety, mix = os.path.join(out, "reward"), os.path.join(out, "safety"), os.path.join(out, "mix")
     data_file = os.path.join(world, "train.jsonl")
     if train_reward_stage.main(["--sft", os.path.join(world, "sft"), "--data", data_file, "--beta", str(BETA_R),
                                 "--out", reward, *FLAGS]) != 0:
@@ -46,7 +49,9 @@ def train_stages(world, out):
     if train_safety_stage.main(["--reward_stage", reward, "--data", data_file, "--beta", str(BETA_S), "--out",
                                 safety, *FLAGS]) != 0:
         raise outputs.UsageError("the safety stage failed (its error is above)")
-    return reward, safety
+    if merge_policies.main(["--first", reward, "--second", safety, "--q", *map(str, QS), "--out", mix]) != 0:
+        raise outputs.UsageError("the mixtures failed (their error is above)")
+    return reward, safety, mix
 
 
 def wrong_settings(world, out, m):
@@ -93,7 +98,7 @@ def empirical_optimum(pairs_file, preference, reference, beta):
     return torch.softmax(reference.log() + theta.detach(), dim=-1)
 
 
-def measure(world, reward_folder, safety_folder):
+def measure(world, reward_folder, safety_folder, mix_folder):
     """Every KL the report and the test read, as a dict."""
     reward, cost, _ = enumerable.load(world)
     tokenizer = stage.load_tokenizer(os.path.join(world, "sft"))
@@ -111,6 +116,13 @@ def measure(world, reward_folder, safety_folder):
     for factor in (0.5, 2.0):
         out["reward"][f"beta x {factor:g}"] = kl(enumerable.dpo_optimum(sft, reward, BETA_R * factor), pi_r)
         out["safety"][f"beta x {factor:g}"] = kl(enumerable.dpo_optimum(pi_r, -cost, BETA_S * factor), pi_rs)
+    # RSA(P): theta(q) = q theta_r + (1 - q) theta_rs; were log-probabilities linear in the weights, it would be
+    # pi_r exp(-(1 - q) c / beta_s) / Y: the safety optimum at lambda (1 - q)
+    out["mixtures"] = {}
+    for q in QS:
+        optimum = enumerable.dpo_optimum(pi_r, -cost, BETA_S / (1 - q))
+        out["mixtures"][q] = {"mixture": kl(optimum, table(os.path.join(mix_folder, f"q{q:g}"))),
+                              "reward stage": kl(optimum, pi_r), "safety stage": kl(optimum, pi_rs)}
     costly = enumerable.COSTLY
     out["costly branch"] = {"sft": sft[:, costly].mean().item(), "reward stage": pi_r[:, costly].mean().item(),
                             "safety stage": pi_rs[:, costly].mean().item(),
@@ -140,6 +152,12 @@ def report(m):
         f"The rare costly branch (w3 w3, cost 4, the highest reward): {c['sft']:.3f} of the SFT model, "
         f"{c['reward stage']:.3f} after the reward stage, {c['safety stage']:.5f} after the safety stage, whose "
         f"optimum gives it {c['safety optimum']:.5f}.", "",
+        "RSA(P): the mixture theta(q) = q theta_r + (1 - q) theta_rs (merge_policies.py) against the safety "
+        "optimum at lambda (1 - q), pi_r exp(-(1 - q) c / beta_s) / Y, which it would equal were the "
+        "log-probabilities linear in the weights; beside it, the two stages it mixes:", "",
+        "| q | mixture | reward stage | safety stage |", "|---|---|---|---|",
+        *[f"| {q:g} | {r['mixture']:.4f} | {r['reward stage']:.4f} | {r['safety stage']:.4f} |"
+          for q, r in m["mixtures"].items()], "",
         *([f"Trained with a wrong setting (same flags): the reward stage at 2 beta_r lands at "
            f"{m['wrong']['reward stage trained at 2 beta_r']:.4f} from the beta_r optimum (floor "
            f"{m['reward']['floor']:.4f}); a safety stage on the SFT model (so with the SFT model as its reference) "
@@ -150,7 +168,7 @@ def report(m):
         "floor: `tests/test_theory.py` asserts exactly this. The stepwise identity behind the safety stage "
         "(pi_r exp(-c / beta_s) / Y = pi_sft exp((r - lambda c) / beta_r) / Z, beta_s = beta_r / lambda) holds "
         "to 1e-12 in the same world (same test file). Not covered yet: the token-level losses (TDPO, Ra-DPO with "
-        "each measure), convergence against steps and pairs, RSA(P) and the dual loop.", ""])
+        "each measure), convergence against steps and pairs, the dual loop.", ""])
 
 
 def main(argv=None):

@@ -74,5 +74,11 @@ def test_both_stages_trained_with_dpo_land_on_their_closed_form_optima(world, tm
         assert r["trained"] < r["floor"] < r["start"], (name, r)
         wrong = [r["beta x 0.5"], r["beta x 2"]] + ([r["reference is the SFT model"]] if name == "safety" else [])
         assert min(wrong) > r["floor"], (name, r)
+    # RSA(P) at q lands on the safety optimum at lambda (1 - q), within the safety stage's floor; at q 0.5 and 0.75
+    # both stages it mixes lie outside that floor (at q 0.25 the safety stage itself is within it)
+    for q, r in m["mixtures"].items():
+        assert r["mixture"] < m["safety"]["floor"], (q, r)
+        if q >= 0.5:
+            assert min(r["reward stage"], r["safety stage"]) > m["safety"]["floor"], (q, r)
     costly = m["costly branch"]
     assert costly["safety stage"] < 0.1 * costly["sft"] < costly["reward stage"]  # the rare harm, bought and removed
