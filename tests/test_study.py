@@ -1,4 +1,5 @@
-"""study.py: the matched-helpfulness reading, the bootstrap, and the whole study in miniature on the tiny world."""
+"""studies/matched.py: the matched-helpfulness reading, the bootstrap, and the whole study in miniature on the tiny
+world."""
 
 import json
 import math
