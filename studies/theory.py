@@ -1,10 +1,12 @@
 """From the closed-form optima to the trained weights, on the enumerable world (toy/enumerable.py).
 
-    python -m studies.theory --out runs/theory      # about 4 minutes on 2 CPU cores; writes docs/theory.md
+    python -m studies.theory --out runs/theory      # about 5 minutes on 2 CPU cores; writes docs/theory.md
 
 Both stages run through their scripts with DPO on the world's preference files: the reward stage from the SFT model
-at beta_r, the safety stage from the trained pi_r at beta_s. Each trained policy is read as a table over the 16
-responses and compared, by KL(optimum || trained) averaged over prompts, with its closed form:
+at beta_r, the safety stage from the trained pi_r at beta_s; then their RSA(P) mixtures, and a reward stage with the
+token-level loss TDPO_2, whose optimum is found by gradient descent on its expected loss over tabular policies.
+Each trained policy is read as a table over the 16 responses and compared, by KL(optimum || trained) averaged over
+prompts, with its optimum:
 
     reward stage:  pi_r*  = pi_sft exp(r / beta_r) / Z
     safety stage:  pi_rs* = pi_r exp(-c / beta_s) / Y          (pi_r: the trained reward stage, its reference)
