@@ -12,7 +12,7 @@ Each policy (an SFT folder, a stage output, a mixture; any number) answers every
 CVaR of cost at 0.1 and 0.05 (the mean of the worst 10 % / 5 % of all prompt x sample costs pooled, the boundary
 sample counted fractionally), severe-harm rate (toy world only), over-refusal (the share of responses to prompts a
 model should answer that refuse; XSTest's safe prompts with --prompts xstest) and the refusal rate on prompts it
-should refuse (exact in the toy world, else the refusal judge below), win rate against the baseline policy under the
+should refuse (exact in the toy world, else the refusal judge `refusal`), win rate against the baseline policy under the
 reward (ties count half), sequential KL to a reference policy on held-out pairs (--kl_pairs), mean response length,
 and a per-category table. Outputs in --out: results.json, results.csv, report.md (tables and plots), generations.jsonl,
 pairs_vs_<baseline>.jsonl (for an LLM judge), frontier.png, reward_vs_cost.png, category_cost.png.

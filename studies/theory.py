@@ -35,7 +35,7 @@ from toy import enumerable
 
 BETA_R, BETA_S, ALPHA = 0.5, 0.5, 0.5
 QS = (0.25, 0.5, 0.75)
-FLAGS = ["--loss", "dpo", "--batch_size", "256", "--lr", "3e-3", "--max_steps", "300", "--max_length", "16",
+FLAGS = ["--batch_size", "256", "--lr", "3e-3", "--max_steps", "300", "--max_length", "16",
          "--max_prompt_length", "12", "--lora_r", "8", "--lora_dropout", "0", "--eval_pairs", "0", "--save_every",
          "0", "--eval_every", "100000", "--log_every", "100", "--precision", "fp32"]
 
@@ -46,10 +46,10 @@ def train_stages(world, out):
     reward, safety, mix = os.path.join(out, "reward"), os.path.join(out, "safety"), os.path.join(out, "mix")
     data_file = os.path.join(world, "train.jsonl")
     if train_reward_stage.main(["--sft", os.path.join(world, "sft"), "--data", data_file, "--beta", str(BETA_R),
-                                "--out", reward, *FLAGS]) != 0:
+                                "--loss", "dpo", "--out", reward, *FLAGS]) != 0:
         raise outputs.UsageError("the reward stage failed (its error is above)")
-    if train_safety_stage.main(["--reward_stage", reward, "--data", data_file, "--beta", str(BETA_S), "--out",
-                                safety, *FLAGS]) != 0:
+    if train_safety_stage.main(["--reward_stage", reward, "--data", data_file, "--beta", str(BETA_S), "--loss", "dpo",
+                                "--out", safety, *FLAGS]) != 0:
         raise outputs.UsageError("the safety stage failed (its error is above)")
     if merge_policies.main(["--first", reward, "--second", safety, "--q", *map(str, QS), "--out", mix]) != 0:
         raise outputs.UsageError("the mixtures failed (their error is above)")
@@ -59,11 +59,9 @@ def train_stages(world, out):
 def train_tdpo(world, out):
     """The reward stage with the token-level loss TDPO_2 (Ra-DPO_2 with the expectation, alpha 0.5)."""
     folder = os.path.join(out, "reward_tdpo2")
-    flags = [f for f in FLAGS if f != "dpo"]
-    flags[flags.index("--loss") + 1: flags.index("--loss") + 1] = ["ra_dpo2", "--risk_measure", "expectation",
-                                                                     "--alpha", str(ALPHA)]
     if train_reward_stage.main(["--sft", os.path.join(world, "sft"), "--data", os.path.join(world, "train.jsonl"),
-                                "--beta", str(BETA_R), "--out", folder, *flags]) != 0:
+                                "--beta", str(BETA_R), "--loss", "ra_dpo2", "--risk_measure", "expectation",
+                                "--alpha", str(ALPHA), "--out", folder, *FLAGS]) != 0:
         raise outputs.UsageError("the TDPO reward stage failed (its error is above)")
     return folder
 
@@ -98,18 +96,23 @@ def tdpo_optimum(reference, pairs, beta, alpha, steps=3000):
     return terms()[0].detach().exp()
 
 
+def table_reader(world):
+    """folder -> the policy's table over the 16 responses (enumerable.policy_table of its loaded model)."""
+    tokenizer = stage.load_tokenizer(os.path.join(world, "sft"))
+    return lambda folder: enumerable.policy_table(stage.load_policy(folder), tokenizer)[0]
+
+
 def wrong_settings(world, out, m):
     """Two stages trained with a wrong setting each, measured against the right optimum: the reward stage at 2 beta_r,
     and a safety stage whose pi_r (and so its reference) is the SFT model. Adds their KLs to `m`."""
     reward, cost, _ = enumerable.load(world)
-    tokenizer = stage.load_tokenizer(os.path.join(world, "sft"))
-    table = lambda folder: enumerable.policy_table(stage.load_policy(folder), tokenizer)[0]  # noqa: E731
+    table = table_reader(world)
     data_file, sft = os.path.join(world, "train.jsonl"), os.path.join(world, "sft")
     wrong_reward, wrong_safety = os.path.join(out, "reward_beta_x2"), os.path.join(out, "safety_on_sft")
-    if train_reward_stage.main(["--sft", sft, "--data", data_file, "--beta", str(2 * BETA_R), "--out", wrong_reward,
-                                *FLAGS]) != 0 or \
-            train_safety_stage.main(["--reward_stage", sft, "--data", data_file, "--beta", str(BETA_S), "--out",
-                                     wrong_safety, *FLAGS]) != 0:
+    if train_reward_stage.main(["--sft", sft, "--data", data_file, "--beta", str(2 * BETA_R), "--loss", "dpo",
+                                "--out", wrong_reward, *FLAGS]) != 0 or \
+            train_safety_stage.main(["--reward_stage", sft, "--data", data_file, "--beta", str(BETA_S), "--loss",
+                                     "dpo", "--out", wrong_safety, *FLAGS]) != 0:
         raise outputs.UsageError("a stage failed (its error is above)")
     pi_r = table(os.path.join(out, "reward"))
     m["wrong"] = {"reward stage trained at 2 beta_r": enumerable.kl(enumerable.dpo_optimum(table(sft), reward, BETA_R),
@@ -122,12 +125,7 @@ def wrong_settings(world, out, m):
 def empirical_optimum(pairs_file, preference, reference, beta):
     """The tabular policy minimising the DPO loss on the pairs: pi = reference exp(theta) / Z per prompt, theta by
     L-BFGS in float64 (the loss depends on theta only through differences, so the normalisation is free)."""
-    index = {r: i for i, r in enumerate(enumerable.RESPONSES)}
-    prompt = {p: i for i, p in enumerate(enumerable.PROMPTS)}
-    pairs = data.load_pairs(pairs_file, preference)
-    p = torch.tensor([prompt[x.prompt] for x in pairs])
-    chosen = torch.tensor([index[x.chosen] for x in pairs])
-    rejected = torch.tensor([index[x.rejected] for x in pairs])
+    p, chosen, rejected, _ = sample_pairs(pairs_file, preference)
     theta = torch.zeros_like(reference, requires_grad=True)
     opt = torch.optim.LBFGS([theta], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
                             line_search_fn="strong_wolfe")
@@ -152,6 +150,7 @@ def population_pairs(reference, values):
 
 
 def sample_pairs(pairs_file, preference):
+    """The pairs of a preference file as (prompt, chosen, rejected, weight 1) index tensors."""
     index = {r: i for i, r in enumerate(enumerable.RESPONSES)}
     prompt = {p: i for i, p in enumerate(enumerable.PROMPTS)}
     pairs = data.load_pairs(pairs_file, preference)
@@ -162,8 +161,7 @@ def sample_pairs(pairs_file, preference):
 def measure(world, reward_folder, safety_folder, mix_folder, tdpo_folder=None):
     """Every KL the report and the test read, as a dict."""
     reward, cost, _ = enumerable.load(world)
-    tokenizer = stage.load_tokenizer(os.path.join(world, "sft"))
-    table = lambda folder: enumerable.policy_table(stage.load_policy(folder), tokenizer)[0]  # noqa: E731
+    table = table_reader(world)
     sft, pi_r, pi_rs = table(os.path.join(world, "sft")), table(reward_folder), table(safety_folder)
     pairs = os.path.join(world, "train.jsonl")
     reward_opt = enumerable.dpo_optimum(sft, reward, BETA_R)
