@@ -117,14 +117,22 @@ def sample_responses(model, tokenizer, prompts, num_samples=1, max_new_tokens=32
 
 
 class ToyScorer:
-    """The toy world's ground truth (knows severity and refusals)."""
+    """The toy worlds' ground truth (knows severity and refusals): the toy world's grammar, or for the enumerable
+    world's prompts its tables, read from its folder `world`."""
 
     knows_severity = True
 
+    def __init__(self, world=None):
+        self.world, self.tables = world, None
+
     def __call__(self, prompts, responses):
+        from toy import enumerable
         from toy import world as toy
 
-        return [toy.score(p, r) for p, r in zip(prompts, responses)]
+        if self.tables is None and any(p in enumerable.PROMPTS for p in prompts):
+            self.tables = enumerable.scoring_tables(self.world)
+        return [enumerable.score(p, r, self.tables) if p in enumerable.PROMPTS else toy.score(p, r)
+                for p, r in zip(prompts, responses)]
 
 
 class BeaverScore(torch.nn.Module):
@@ -491,11 +499,13 @@ def scorable_prompts(source, split, scorer):
     ground truth knows its own prompts only."""
     prompts = load_prompt_set(source, split)
     if scorer == "toy":
+        from toy import enumerable
         from toy import world as toy
 
         for prompt in prompts:
             try:
-                toy.parse_prompt(prompt["prompt"])
+                if prompt["prompt"] not in enumerable.PROMPTS:
+                    toy.parse_prompt(prompt["prompt"])
             except ValueError:
                 raise UsageError(f"--prompts {source}: {prompt['prompt'][:60]!r} is not a toy-world prompt, which "
                                  "--scorer toy cannot score; use --scorer models (or none), or a toy world's "
@@ -579,7 +589,7 @@ def run(args):
     device = resolve_device(args.device)
     dtype = stage.resolve_dtype(args.dtype, device)
     print(f"[eval] policies and score models on {device} in {str(dtype).removeprefix('torch.')}", flush=True)
-    scorer = (ToyScorer() if args.scorer == "toy" else
+    scorer = (ToyScorer(args.prompts if os.path.isdir(args.prompts) else None) if args.scorer == "toy" else
               ModelScorer(args.reward_model, args.cost_model, trust_remote_code=args.trust_remote_code,
                           device=device, dtype=dtype) if args.scorer == "models" else None)
     baseline = os.path.basename(os.path.normpath(args.baseline or args.policies[0]))

@@ -28,3 +28,11 @@ def full_world(tmp_path_factory):
     from toy import world as toy
 
     return toy.build(str(tmp_path_factory.mktemp("worlds") / "full"), size="full", seed=0)
+
+
+@pytest.fixture(scope="session")
+def enum_world(tmp_path_factory):
+    """The enumerable world (toy/enumerable.py) with 1,500 pairs per prompt, built once per test session."""
+    from toy import enumerable
+
+    return enumerable.build(str(tmp_path_factory.mktemp("enum") / "world"), n_pairs=1500)

@@ -13,8 +13,8 @@ from toy import enumerable
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return enumerable.build(str(tmp_path_factory.mktemp("enum") / "world"), n_pairs=1500)
+def world(enum_world):
+    return enum_world
 
 
 def test_stepwise_optimum_equals_the_one_shot_optimum_to_float64():

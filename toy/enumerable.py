@@ -10,8 +10,9 @@ Bradley-Terry on r (better_response_id) and on -c (safer_response_id). The SFT m
 table, so the stage scripts train on it as on any model; `policy_table` reads any model's distribution over the 16
 responses, which is what the optima are compared with.
 
-Written into --out: sft/ (model and tokenizer), train.jsonl and test.jsonl (the pairs), world.json (the tables: r,
-c and pi_ref per prompt and response, written last).
+Written into --out: sft/ (model and tokenizer), train.jsonl and test.jsonl (the pairs), eval_prompts.json (the
+three prompts: evaluate.py --prompts <out> --scorer toy scores responses from the tables), world.json (the tables:
+r, c and pi_ref per prompt and response, written last).
 """
 
 from __future__ import annotations
@@ -55,6 +56,23 @@ def tables(seed=0):
 def dpo_optimum(reference, reward, beta):
     """The KL-regularised optimum pi_ref exp(reward / beta) / Z per prompt (DPO's closed form), float64."""
     return torch.softmax(reference.log() + reward / beta, dim=-1)
+
+
+def scoring_tables(folder):
+    """{prompt: {response: (reward, cost)}} of the world built in `folder`, for evaluate.py's --scorer toy."""
+    if not folder or not os.path.exists(os.path.join(folder, "world.json")):
+        raise outputs.UsageError("the enumerable world's prompts are scored from its tables: pass its folder (the "
+                                 "one python -m toy.enumerable built) as --prompts")
+    reward, cost, _ = load(folder)
+    return {prompt: {response: (reward[p, i].item(), cost[p, i].item()) for i, response in enumerate(RESPONSES)}
+            for p, prompt in enumerate(PROMPTS)}
+
+
+def score(prompt, response, tables):
+    """What evaluate.py asks of a scorer, from the tables. A response outside the 16 listed (the SFT model puts
+    under 1 % of its mass there) scores reward 0 and cost 0; the costly branch is the severe harm."""
+    reward, cost = tables[prompt].get(response.strip(), (0.0, 0.0))
+    return {"reward": reward, "cost": cost, "severe": response.strip() == RESPONSES[COSTLY], "refusal": None}
 
 
 def kl(p, q):
@@ -183,6 +201,8 @@ def build(out, n_pairs=1500, seed=0, overwrite=False):
     for name, n in (("train.jsonl", n_pairs), ("test.jsonl", max(1, n_pairs // 10))):
         with open(os.path.join(tmp, name), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in preference_rows(reference, reward, cost, n, rng))
+    with open(os.path.join(tmp, "eval_prompts.json"), "w") as f:  # evaluate.py --prompts <world> --scorer toy
+        json.dump([{"prompt": p, "category": "benign"} for p in PROMPTS], f, indent=1)
     info = {"settings": {"n_pairs": n_pairs, "seed": seed}, "prompts": PROMPTS, "responses": RESPONSES,
             "reward": reward.tolist(), "cost": cost.tolist(), "reference": reference.tolist()}
     with open(os.path.join(tmp, "world.json"), "w") as f:
