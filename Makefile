@@ -4,7 +4,7 @@
 # make study  RSA against SACPO and TDPO at matched helpfulness, and the dual loop against RSA(P); toy world, 5 seeds (not in CI)
 # make smoke-gpu   one CUDA GPU: the toy pipeline in bf16 and 4-bit, a random 1B model's step speed and memory, --deterministic twice (stops without CUDA)
 # make bench  speed and memory of the risk terms and a training step; make bench-memory: the memory plan against measured peaks
-# make theory  both stages trained on the enumerable world against their optima (docs/theory.md, about 5 min)
+# make theory  both stages trained on the enumerable world against their optima and the dual loops (docs/theory.md, about 20 min)
 # make study-real  the Ra-DPO HH experiment in miniature on SmolLM2-135M-Instruct (1 h 52 min measured here; not in CI)
 
 PYTHON ?= python3

@@ -67,11 +67,13 @@ def test_both_stages_trained_with_dpo_land_on_their_closed_form_optima(world, tm
     empirical optimum), the tabular minimiser of the same loss on the same pairs. The bound discriminates: the
     trained policies lie farther than it from the optima of beta off by a factor of 2 either way and, for the
     safety stage, from the optimum with the SFT model as its reference (where stages trained with those settings
-    land). Measured here (docs/theory.md): reward 0.057 against a floor of 0.080, safety 0.044 against 0.059. The
-    reward stage trained with TDPO_2 lands on that loss's own optimum (found by gradient descent on its expected
-    loss over tabular policies), not on DPO's closed form."""
+    land). Measured here (docs/theory.md): reward 0.046 against a floor of 0.080, safety 0.037 against 0.052. A
+    reward stage trained with Ra-DPO_2 and CVaR 0.5 lands on that loss's own optimum (the tabular token-level
+    policy at which the gradient of its expected loss vanishes), within its floor, and not on the optimum at twice
+    the level."""
     out = str(tmp_path_factory.mktemp("theory"))
-    m = theory.measure(world, *theory.train_stages(world, out), tdpo_folder=theory.train_tdpo(world, out))
+    folders = theory.train_stages(world, out)
+    m = theory.measure(world, *folders)
     for name in ("reward", "safety"):
         r = m[name]
         assert r["trained"] < r["floor"] < r["start"], (name, r)
@@ -83,10 +85,13 @@ def test_both_stages_trained_with_dpo_land_on_their_closed_form_optima(world, tm
         assert r["mixture"] < m["safety"]["floor"], (q, r)
         if q >= 0.5:
             assert min(r["reward stage"], r["safety stage"]) > m["safety"]["floor"], (q, r)
-    # the token-level loss TDPO_2 has its own optimum, not DPO's closed form: the stage trained with it lands on it,
-    # within twice the floor of the same loss on the same pairs (measured: 0.0116 against 0.0116), and far from DPO's
-    tdpo = m["reward, TDPO_2"]
-    assert tdpo["trained"] < 2 * tdpo["floor"] < tdpo["start"], tdpo
-    assert min(tdpo["dpo optimum"], tdpo["trained vs dpo optimum"]) > 10 * tdpo["floor"], tdpo
+    # a risk measure: the reward stage with Ra-DPO_2 and CVaR 0.5 lands on its own optimum, within twice the floor
+    # of the same loss on the same pairs; the optimum at twice the level (CVaR 1, which is TDPO) lies outside that
+    # bound (measured: 0.0039 against a floor of 0.0046, and 0.0666). Half the level (0.25) has nearly the same
+    # optimum in this stage (0.0040): that error is not one this world can show (docs/theory.md)
+    cvar = theory.train_risk_stages(world, out, names=("Ra-DPO_2, CVaR 0.5",), safety=False)
+    cvar = cvar["reward, Ra-DPO_2, CVaR 0.5"]
+    assert cvar["own"] < 2 * cvar["floor"] < cvar["start"], cvar
+    assert cvar["level x 2"] > 5 * cvar["floor"], cvar
     costly = m["costly branch"]
     assert costly["safety stage"] < 0.1 * costly["sft"] < costly["reward stage"]  # the rare harm, bought and removed
