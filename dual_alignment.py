@@ -108,7 +108,7 @@ def parse(argv):
     if args.lambda_init == "can" and args.constraint != "mean_cost":
         raise UsageError("--lambda_init can: the one-shot dual is that of the mean cost; use --constraint mean_cost "
                          "or a number")
-    if any(f in stage_flags for f in ("--reward_stage", "--sft", "--out", "--resume", "--overwrite", "--preference")):
+    if any(f in stage_flags for f in ("--out", "--resume", "--overwrite", "--preference")):
         raise UsageError("--out / --resume / --overwrite / --preference of the stages are the loop's own")
     if args.scorer == "models" and not (args.reward_model or args.cost_model):
         raise UsageError("--scorer models needs --reward_model and/or --cost_model")
@@ -340,7 +340,7 @@ def run(args, stage_flags, parsed):
             raise UsageError(f"{args.reward_stage}: is a {parent['stage']} stage output; pass the reward stage's")
         loop["beta"], loop["reference"] = parent["args"]["beta"], outputs.base_of(args.reward_stage)[0]
     else:
-        loop["beta"], loop["reference"] = parsed.beta, args.sft
+        loop["beta"], loop["reference"] = parsed.beta, outputs.gguf_folder(args.sft)
     scored = args.policy_step == "caid" or args.lambda_init == "can"
     loop["prompts"] = training_prompts(args) if scored else None
     os.makedirs(args.out, exist_ok=True)

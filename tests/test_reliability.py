@@ -132,9 +132,10 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(launcher, re
                  *argv_for(tiny_world, reference_run["pairs"], two, steps=3, extra=[*common, "--batch_size", "4"]))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "x 2 process(es)" in run.stdout
-    # float summation order differs between 1 and 2 ranks, and Adam turns that into differences of up to ~5e-5 in
-    # near-zero-gradient weights after 3 steps; a rank training on its own half moves weights by ~5e-2
-    assert same_weights(adapter(one), adapter(two), atol=2e-4)
+    # float summation order differs between 1 and 2 ranks, and Adam, which divides by the gradient's scale, turns
+    # that into differences in near-zero-gradient weights after 3 steps: up to 5e-5 on one CPU, 3.4e-4 on another.
+    # One process training on half the batch alone (what a rank without the sync does) ends 0.39 away at most
+    assert same_weights(adapter(one), adapter(two), atol=1e-3)
     with open(os.path.join(one, outputs.METRICS_FILE)) as a, open(os.path.join(two, outputs.METRICS_FILE)) as b:
         la = [r["loss"] for r in map(json.loads, a) if r["split"] == "train"]
         lb = [r["loss"] for r in map(json.loads, b) if r["split"] == "train"]
