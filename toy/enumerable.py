@@ -60,7 +60,12 @@ def dpo_optimum(reference, reward, beta):
 
 def scoring_tables(folder):
     """{prompt: {response: (reward, cost)}} of the world built in `folder`, for evaluate.py's --scorer toy."""
-    if not folder or not os.path.exists(os.path.join(folder, "world.json")):
+    marker = os.path.join(folder or "", "world.json")
+    info = {}
+    if folder and os.path.exists(marker):
+        with open(marker) as f:
+            info = json.load(f)
+    if "responses" not in info:  # a toy world's folder has a world.json too
         raise outputs.UsageError("the enumerable world's prompts are scored from its tables: pass its folder (the "
                                  "one python -m toy.enumerable built) as --prompts")
     reward, cost, _ = load(folder)
