@@ -98,6 +98,16 @@ def build_parser():
     return p
 
 
+def given(flags, *names):
+    """Whether any of the flags `names` is among `flags` (as --name value or --name=value)."""
+    return any(f.split("=", 1)[0] in names for f in flags)
+
+
+def needs_scores(args):
+    """caid labels pairs, and the warm start weighs responses, by their reward and cost."""
+    return args.policy_step == "caid" or args.lambda_init == "can"
+
+
 def parse(argv):
     """(args, the flags for the policy step's script, those flags parsed by that script's parser)."""
     args, stage_flags = build_parser().parse_known_args(argv)
@@ -108,12 +118,11 @@ def parse(argv):
     if args.lambda_init == "can" and args.constraint != "mean_cost":
         raise UsageError("--lambda_init can: the one-shot dual is that of the mean cost; use --constraint mean_cost "
                          "or a number")
-    if any(f in stage_flags for f in ("--out", "--resume", "--overwrite", "--preference")):
+    if given(stage_flags, "--out", "--resume", "--overwrite", "--preference"):
         raise UsageError("--out / --resume / --overwrite / --preference of the stages are the loop's own")
     if args.scorer == "models" and not (args.reward_model or args.cost_model):
         raise UsageError("--scorer models needs --reward_model and/or --cost_model")
-    scored = args.policy_step == "caid" or args.lambda_init == "can"
-    if scored and args.scorer == "models" and not (args.reward_model and args.cost_model):
+    if needs_scores(args) and args.scorer == "models" and not (args.reward_model and args.cost_model):
         raise UsageError("caid and --lambda_init can score responses by reward and cost: --scorer models needs "
                          "both --reward_model and --cost_model")
     evaluate.scorable_prompts(args.prompts, "test", args.scorer)
@@ -121,14 +130,14 @@ def parse(argv):
     if args.policy_step == "stepwise":  # the stage's flags, parsed by its own parser now, before anything is written
         if not args.reward_stage or args.sft:
             raise UsageError("--policy_step stepwise trains from pi_r: pass --reward_stage (not --sft)")
-        if any(f == "--beta" or f.startswith("--beta=") for f in stage_flags):
+        if given(stage_flags, "--beta"):
             raise UsageError("--beta: the loop sets beta_s = beta_r / lambda itself; drop the flag")
         parsed = stage.parse_args(train_safety_stage.build_parser(), ["--reward_stage", args.reward_stage, *check])
     else:
         if not args.sft or args.reward_stage:
             raise UsageError("--policy_step caid trains from the SFT model: pass --sft (not --reward_stage)")
         parsed = stage.parse_args(train_reward_stage.build_parser(), ["--sft", args.sft, *check])
-    if scored:
+    if needs_scores(args):
         training_prompts(args)  # refused now when the scorer cannot score them
     return args, stage_flags, parsed
 
@@ -300,7 +309,7 @@ def caid_step(k, lam, folder, loop):
         write_jsonl(pseudo_file, pairs)
     with open(os.path.join(folder, "pseudo_preferences.json")) as f:
         counts = json.load(f)
-    loss = [] if any(f == "--loss" or f.startswith("--loss=") for f in loop["stage_flags"]) else ["--loss", "dpo"]
+    loss = [] if given(loop["stage_flags"], "--loss") else ["--loss", "dpo"]
     stage_or_fail(train_reward_stage.main, ["--sft", args.sft, "--data", pseudo_file, "--out", policy, "--seed",
                                             str(args.seed), *loss, *loop["stage_flags"],
                                             *outputs.continue_flags(policy)], f"the policy step of iteration {k}")
@@ -341,13 +350,12 @@ def run(args, stage_flags, parsed):
         loop["beta"], loop["reference"] = parent["args"]["beta"], outputs.base_of(args.reward_stage)[0]
     else:
         loop["beta"], loop["reference"] = parsed.beta, outputs.gguf_folder(args.sft)
-    scored = args.policy_step == "caid" or args.lambda_init == "can"
-    loop["prompts"] = training_prompts(args) if scored else None
+    loop["prompts"] = training_prompts(args) if needs_scores(args) else None
     os.makedirs(args.out, exist_ok=True)
     trace_file = os.path.join(args.out, "trace.json")
     setup = {"policy_step": args.policy_step, "reward_stage": args.reward_stage and os.path.abspath(args.reward_stage),
              "sft": args.sft, "constraint": args.constraint, "budget": args.budget, "lambda_init": args.lambda_init,
-             "dual_lr": args.dual_lr, "seed": args.seed, "stage_flags": stage_flags, "warm_start": False}
+             "dual_lr": args.dual_lr, "seed": args.seed, "stage_flags": stage_flags}
     if args.policy_step == "caid":
         setup["pairs_per_prompt"] = args.pairs_per_prompt
     if args.lambda_init == "can":
@@ -356,8 +364,12 @@ def run(args, stage_flags, parsed):
     if os.path.exists(trace_file):
         with open(trace_file) as f:
             trace = json.load(f)
-        if {"policy_step": "stepwise", "sft": None, **trace["setup"]} != setup:
+        earlier = {"policy_step": "stepwise", "sft": None, **trace["setup"]}  # traces from before caid
+        earlier.pop("warm_start", None)
+        if earlier != setup:
             raise UsageError(f"{trace_file}: a loop with other settings; use another --out")
+    else:  # recorded before any work, so that a killed first iteration is resumed with the same settings only
+        write_json(trace_file, trace)
     start = warm_start(args, loop["reference"], loop["beta"], loop["prompts"]) if args.lambda_init == "can" \
         else args.lambda_init
     for k in range(len(trace["iterations"]), args.iterations):

@@ -76,8 +76,8 @@ def test_a_killed_loop_resumes_where_it_stopped(setup, policy_step):
                              *argv(setup, out, policy_step=policy_step)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trace_file = os.path.join(out, "trace.json")
-    for _ in range(1200):  # kill it once the first iteration is recorded
-        if os.path.exists(trace_file):
+    for _ in range(1200):  # kill it once the first iteration is recorded (the trace is written before any work)
+        if os.path.exists(trace_file) and json.load(open(trace_file))["iterations"]:
             break
         time.sleep(0.1)
     proc.kill()
@@ -87,6 +87,28 @@ def test_a_killed_loop_resumes_where_it_stopped(setup, policy_step):
     assert dual_alignment.main(argv(setup, out, policy_step=policy_step)) == 0
     trace = json.load(open(trace_file))["iterations"]
     assert len(trace) == 3 and trace[: len(first)] == first  # finished iterations are kept, not redone
+
+
+def test_a_loop_killed_in_its_first_iteration_is_not_resumed_with_other_settings(setup, capsys):
+    """The trace, with the loop's settings, is written before any work: once the warm start's samples exist the
+    trace does too, so what a killed first iteration left (responses, labels, warm start) is reused by a rerun with
+    the same settings only."""
+    out = str(setup["tmp"] / "settings")
+    flags = argv(setup, out, iterations=1, policy_step="caid",
+                 extra=["--lambda_init", "can", "--can_samples", "4", "--budget", "3"])
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dual_alignment.py"), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(2400):  # kill it as soon as the warm start has sampled
+        if os.path.exists(os.path.join(out, "can_samples.jsonl")):
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    trace_file = os.path.join(out, "trace.json")
+    assert os.path.exists(trace_file)
+    assert dual_alignment.main([*flags, "--budget", "3.5"]) == 2
+    assert "a loop with other settings" in capsys.readouterr().err
+    assert dual_alignment.main(flags) == 0 and len(json.load(open(trace_file))["iterations"]) == 1
 
 
 @pytest.mark.parametrize("extra,message", [
