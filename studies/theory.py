@@ -71,8 +71,8 @@ def train_tdpo(world, out):
     """The reward stage with the token-level loss TDPO_2 (Ra-DPO_2 with the expectation, alpha 0.5)."""
     folder = os.path.join(out, "reward_tdpo2")
     run_stage(train_reward_stage, folder, ["--sft", os.path.join(world, "sft"), "--data",
-                                           os.path.join(world, "train.jsonl"), "--beta", str(BETA_R), "--loss",
-                                           "ra_dpo2", "--risk_measure", "expectation", "--alpha", str(ALPHA), *FLAGS],
+                                           os.path.join(world, "train.jsonl"), "--beta", str(BETA_R),
+                                           *loss_flags(*LOSSES["TDPO_2"]), *FLAGS],
               "the TDPO reward stage")
     return folder
 
