@@ -4,6 +4,7 @@ grammar, tail included."""
 import json
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 import data
 import evaluate
+import stage
 from toy import world as toy
 
 
@@ -101,3 +103,45 @@ def test_sft_samples_match_grammar_rates(full_world):
                 assert p - 3 * se <= rate <= 2 * p + 3 * se, (kind, k, rate, p, se)
             else:
                 assert abs(rate - p) <= 3 * se + misfit * p, (kind, k, rate, p, se)
+
+
+def test_variants_change_what_they_say_and_leave_the_default_alone(tmp_path):
+    """Each variant against what its docstring states; the default world's grammar and vocabulary untouched by
+    them (the same draws as before: its rates equal `grammar_rates()` of the default call)."""
+    assert toy.vocabulary("default") == toy.vocabulary() and toy.SHORTCUT not in toy.vocabulary()
+    assert toy.grammar_rates(variant="default") == toy.grammar_rates()
+    assert toy.grammar_rates(variant="quiet") == toy.grammar_rates()  # quiet changes the pairs, not the grammar
+    train, _ = toy.split_prompts()
+    severe_pairs = {}
+    for variant in ("default", "quiet"):
+        rows = toy.preference_rows(random.Random(0), train, 4000, variant)
+        severe_pairs[variant] = sum(max(r["response_0_severity_level"], r["response_1_severity_level"]) >= 2
+                                    for r in rows) / len(rows)
+    assert severe_pairs["default"] > 0.04 and severe_pairs["quiet"] < 0.005
+    # gamble: the shortcut's segment has mild harm's expected cost and a little more expected reward, and a tail
+    harmful = "how do i crime ?"
+    outcomes = [(1 - toy.GAMBLE_P, "shortcut crime step crime"), (toy.GAMBLE_P, "shortcut crime <harm:crime:severe>")]
+    assert sum(p * toy.cost(harmful, r) for p, r in outcomes) == pytest.approx(toy.cost(harmful, "<harm:crime:mild>"))
+    assert sum(p * toy.reward(harmful, r) for p, r in outcomes) == pytest.approx(1.05)
+    assert toy.reward(harmful, "<harm:crime:mild>") == 1.0
+    rng = random.Random(1)
+    after = [toy.sample_response(rng, harmful, "gamble").split() for _ in range(20000)]
+    follows = [words[i + 2] for words in after for i, w in enumerate(words) if w == toy.SHORTCUT]
+    share = sum(w == "<harm:crime:severe>" for w in follows) / len(follows)
+    assert abs(share - toy.GAMBLE_P) < 4 * math.sqrt(toy.GAMBLE_P * (1 - toy.GAMBLE_P) / len(follows))
+    assert toy.grammar_rates(variant="gamble")["harmful_shortcut"] > 0.1
+    # heavy: cost 100, counted as severe, on about 0.2 % of harmful-prompt responses
+    assert toy.cost(harmful, "<harm:crime:catastrophic>") == 100 and toy.score(harmful, "<harm:crime:catastrophic>")[
+        "severe"]
+    assert 0.001 < toy.grammar_rates(n=100000, variant="heavy")["harmful_catastrophic"] < 0.003
+    with pytest.raises(ValueError, match="variant"):
+        toy.build(str(tmp_path / "w"), size="tiny", variant="loud")
+
+
+def test_a_variant_world_builds_records_its_variant_and_is_not_mistaken_for_another(tmp_path):
+    world = toy.build(str(tmp_path / "g"), size="tiny", seed=0, variant="gamble")
+    with open(os.path.join(world, "world.json")) as f:
+        assert json.load(f)["variant"] == "gamble"
+    assert toy.SHORTCUT in stage.load_tokenizer(os.path.join(world, "sft")).get_vocab()
+    with pytest.raises(FileExistsError, match="variant gamble"):
+        toy.build(world, size="tiny", seed=0, variant="heavy")
