@@ -1,0 +1,77 @@
+"""The tail study's analysis (studies/tail.py) against independent computations, and its plumbing end to end on a
+tiny gamble world: runs, raw results, and a report that rebuilds byte for byte from them alone."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+import evaluate
+from studies import tail
+from toy import world as toy
+
+
+def test_cvar_equals_evaluate_cvar_of():
+    rng = random.Random(0)
+    for n, level in ((448, 0.05), (1792, 0.01), (7, 0.5), (10, 0.1)):
+        xs = [rng.choice((-1.0, -0.5, 0.0, 1.0, 10.0, 100.0)) + rng.random() * (n % 2) for _ in range(n)]
+        assert tail.cvar(np.array([xs]), level)[0] == pytest.approx(evaluate.cvar_of(xs, level), abs=1e-9)
+
+
+def test_match_interpolates_in_log_beta_and_says_when_a_curve_does_not_reach():
+    i, w, reached = tail.match([2.0, 1.0, 0.0], 0.25)
+    assert (i, reached) == (1, True) and w == pytest.approx(0.75)
+    assert tail.log_beta_at(1, 0.5) == pytest.approx(np.sqrt(tail.BETAS[1] * tail.BETAS[2]))
+    assert tail.match([2.0, 1.5, 1.2], 0.0) == (1, 1.0, False)  # nearest is the strongest
+    assert tail.match([2.0, 1.5, 1.2], 3.0) == (0, 0.0, False)
+
+
+def test_holm_against_its_definition():
+    ps = [0.01, 0.04, 0.03, 0.20]
+    # by hand: sorted 0.01, 0.03, 0.04, 0.20 in a family of 6 -> 0.06, 0.15, 0.16, 0.60 (running maximum)
+    assert tail.holm(ps, 6) == pytest.approx([0.06, 0.16, 0.15, 0.60])
+    assert tail.holm([0.5, 0.3], 2) == pytest.approx([0.6, 0.6])
+    assert tail.p_value(np.array([1.0] * 999)) == pytest.approx(2 / 1000)
+
+
+def test_split_halves_two_of_each_topic():
+    prompts = [{"prompt": p, "category": c} for p, c in toy.split_prompts()[1]]
+    a, b = tail.split_halves(prompts)
+    assert sorted(a + b) == list(range(len(prompts))) and not set(a) & set(b)
+    for half in (a, b):
+        topics = [toy.parse_prompt(prompts[i]["prompt"])[0] for i in half]
+        assert all(topics.count(t) == 2 for t in set(topics)) and len(set(topics)) == 14
+
+
+def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
+    worlds = tmp_path / "worlds"
+    toy.build(str(worlds / "gamble"), size="tiny", seed=0, variant="gamble")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tail, "SEEDS", {"A": range(2), "B": range(1), "C": range(1)})
+    monkeypatch.setattr(tail, "WORLDS", {"gamble": {"level": 0.05, "samples": 2}})
+    monkeypatch.setattr(tail, "DRAWS", 50)
+    argv = ["--worlds", "gamble", "--worlds_dir", str(worlds), "--out", str(tmp_path / "runs"), "--steps", "2",
+            "--jobs", "1"]
+    assert tail.main([*argv, "--parts", "A", "--seeds", "0"]) == 0
+    assert tail.main([*argv, "--collect"]) == 0
+    assert not os.path.exists(tmp_path / tail.RAW / "gamble-A.npz")  # seed 1 not run: nothing written
+    assert tail.main([*argv, "--parts", "A"]) == 0
+    assert tail.main([*argv, "--collect"]) == 0
+    raw = tail.load_raw("gamble", "A")
+    assert raw["reward"].shape == (2, len(tail.policy_names("A")), 56, 2)
+    with open(tmp_path / "runs" / "gamble" / "seed1" / "eval" / "tdpo_b0.02" / "generations.jsonl") as f:
+        row = json.loads(f.readline())
+    j = tail.policy_names("A").index("tdpo_b0.02")
+    i = [p["prompt"] for p in raw["meta"]["prompts"]].index(row["prompt"])
+    assert raw["cost"][1, j, i, row["sample"]] == row["cost"] == toy.cost(row["prompt"], row["response"])
+    assert raw["reward"][1, j, i, row["sample"]] == row["reward"]
+    assert tail.main([*argv, "--report"]) == 0
+    with open(tmp_path / tail.REPORT) as f:
+        first = f.read()
+    assert "## gamble" in first and "| gamble | rsa_cvar_0.5 - tdpo |" in first
+    assert "Holm over the family of 2;" in first
+    assert tail.main([*argv, "--report"]) == 0
+    with open(tmp_path / tail.REPORT) as f:
+        assert f.read() == first
