@@ -110,6 +110,120 @@ def seed_job(s, world, part, seed):
             s.evaluated(world, stage, f"{m}_b{b:g}", seed)
 
 
+# ------------------------------------------------------------------------------------------------- the mechanism
+
+MECHANISM_PAIRS, MECHANISM_BETA = 256, 0.02
+
+
+def loss_config(flags, beta):
+    """The LossConfig a stage with these loss flags and beta trains with."""
+    import stage
+
+    args = argparse.Namespace(loss="ra_dpo2", risk_measure="cvar_radpo", risk_level=0.95, erm_on_rewards=False,
+                              beta=beta, alpha=0.5, split_vocab=False, loss_reduction="mean", chunk_size=256)
+    for i, flag in enumerate(flags):
+        if flag == "--erm_on_rewards":
+            args.erm_on_rewards = True
+        elif flag.startswith("--"):
+            value = flags[i + 1]
+            setattr(args, flag[2:], float(value) if flag == "--risk_level" else value)
+    return stage.LossConfig.from_args(args)
+
+
+def decision_batch(world, tokenizer, preference):
+    """The first MECHANISM_PAIRS harmful-prompt pairs of the world's training file, collated, and the states
+    where severe harm can come next: (row, position, severe token id) for the first response token, and in the
+    gamble world for the token after `shortcut <topic>`."""
+    import data
+
+    pairs = [p for p in data.load_pairs(f"{world}/train.jsonl", preference)
+             if p.meta.get("category", "benign") != "benign"][:MECHANISM_PAIRS]
+    examples = data.tokenize_pairs(pairs, tokenizer, max_length=64, max_prompt_length=32)
+    batch = data.collate(examples, tokenizer.pad_token_id)
+    shortcut = tokenizer.convert_tokens_to_ids(toy.SHORTCUT) if toy.SHORTCUT in tokenizer.get_vocab() else None
+    states = []
+    for row in range(batch["input_ids"].shape[0]):
+        category = pairs[row % len(pairs)].meta["category"]
+        severe = tokenizer.convert_tokens_to_ids(f"<harm:{category}:severe>")
+        ids, response = batch["input_ids"][row].tolist(), batch["response_mask"][row].tolist()
+        first = response.index(True)
+        states.append((row, first - 1, severe))
+        states += [(row, t + 1, severe) for t in range(first, len(ids) - 2) if response[t + 2] and ids[t] == shortcut]
+    return batch, states
+
+
+def severe_push(model, reference_logits, batch, states, config):
+    """The push each part of the loss gives the severe token's logit at the states, -d loss / d logit (what a
+    gradient step adds per unit of learning rate), as (preference part, risk part, P(severe) there) means."""
+    import torch
+
+    import risk
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    ids, mask = batch["input_ids"][:, 1:], batch["response_mask"][:, 1:]
+    n = ids.shape[0] // 2
+    parts = []
+    for detach_risk in (True, False):
+        leaf = logits.detach().requires_grad_()
+        logp = torch.log_softmax(leaf[:, :-1], -1).gather(-1, ids[..., None])[..., 0]
+        ref = torch.log_softmax(reference_logits[:, :-1], -1).gather(-1, ids[..., None])[..., 0]
+        logratio = torch.where(mask, logp - ref, torch.zeros_like(logp)).sum(-1)
+        seq_risk = (risk.sequential_risk_ratio(leaf[:, :-1], reference_logits[:, :-1], mask, config.measure,
+                                               config.level) if config.measure else None)
+        if seq_risk is not None:  # the preference part through logratio alone, the risk part through SeqRR alone
+            logratio, seq_risk = (logratio, seq_risk.detach()) if detach_risk else (logratio.detach(), seq_risk)
+        elif not detach_risk:
+            parts.append(0.0)
+            break
+        losses = risk.preference_loss(logratio[:n], logratio[n:], *((seq_risk[:n], seq_risk[n:]) if
+                                      seq_risk is not None else (None, None)), config.beta, config.alpha,
+                                      config.loss)[0]
+        (grad,) = torch.autograd.grad(losses.sum(), leaf)  # each pair's push on its own states
+        parts.append(float(np.mean([-grad[r, t, v].item() for r, t, v in states])))
+    probs = torch.softmax(logits, -1)
+    return parts[0], parts[1], float(np.mean([probs[r, t, v].item() for r, t, v in states]))
+
+
+def mechanism(s, world, seeds=range(5)):
+    """Part D for one world: per loss of Parts A and B (beta_s MECHANISM_BETA, safety pairs, from pi_r) and of Part
+    C (beta_r BETA_R, helpfulness pairs, from the SFT model), at the stage's start (its reference) and at the loss's
+    own trained stage, the push on the severe logit and P(severe), per seed; the stages not yet trained are left
+    out. Written to docs/study/raw/<world>-D.json."""
+    import torch
+
+    import stage
+
+    tok = stage.load_tokenizer(f"{s.world(world)}/sft")
+    rows, counts = [], {}
+    for kind, preference, losses in (("safety", "safer", {**PRIMARY, **DOSE}), ("reward", "better", REWARD)):
+        batch, states = decision_batch(s.world(world), tok, preference)
+        counts[kind] = len(states)
+        for seed in seeds:
+            base = os.path.join(s.out, world, f"seed{seed}")
+            start_folder = f"{base}/pi_r" if kind == "safety" else f"{s.world(world)}/sft"
+            if not os.path.exists(start_folder):
+                continue
+            start_model = stage.load_policy(start_folder).eval()
+            with torch.no_grad():
+                reference = start_model(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"]).logits.float()
+            for name, flags in losses.items():
+                beta = MECHANISM_BETA if kind == "safety" else BETA_R
+                folder = f"{base}/{name}_b{beta:g}" if kind == "safety" else f"{base}/reward_{name}_br{beta:g}"
+                if not os.path.exists(folder):
+                    continue
+                config = loss_config(flags, beta)
+                start = severe_push(start_model, reference, batch, states, config)
+                end = severe_push(stage.load_policy(folder).eval(), reference, batch, states, config)
+                rows.append({"stage": kind, "seed": seed, "loss": name, "start": start, "trained": end})
+    out = {"world": world, "states": counts, "pairs": MECHANISM_PAIRS, "beta_s": MECHANISM_BETA, "beta_r": BETA_R,
+           "rows": rows}
+    os.makedirs(RAW, exist_ok=True)
+    outputs.write_json(os.path.join(RAW, f"{world}-D.json"), out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- raw results
 
 
@@ -192,7 +306,7 @@ def cvar(costs, level):
 
 
 def match(curve, level):
-    """(index of the lower grid point, weight of the next, reached) where `curve` (over BETAS, weakest first) reaches
+    """(index of the lower grid point, weight of the next, reached) where `curve` (over a beta grid) reaches
     `level`, linearly in log beta; the nearest grid point when it does not."""
     for i in range(len(curve) - 1):
         lo, hi = curve[i], curve[i + 1]
@@ -203,8 +317,9 @@ def match(curve, level):
     return (i, 0.0, False) if i < len(curve) - 1 else (i - 1, 1.0, False)
 
 
-def log_beta_at(i, w):
-    return math.exp((1 - w) * math.log(BETAS[i]) + w * math.log(BETAS[i + 1]))
+def log_beta_at(i, w, grid=None):
+    grid = grid or BETAS
+    return math.exp((1 - w) * math.log(grid[i]) + w * math.log(grid[i + 1]))
 
 
 def metrics(raw, prompt_idx, level):
@@ -229,15 +344,17 @@ def resample_prompts(rng, raw, half):
     return [int(i) for c in sorted(cats) for i in rng.choice(cats[c], len(cats[c]))]
 
 
-def analyse_a(raw, world):
-    """Part A of one world: the matched strengths (half A), and on half B the methods' values there, the primary
-    differences with their bootstrap draws."""
-    meta, level = raw["meta"], WORLDS[world]["level"]
+def analyse(raw, world, methods, grid=None, name_of=lambda m, b: f"{m}_b{b:g}", comparisons=(), target=None):
+    """One part of one world: each method's matched strength (half A; at `target`, or the methods' mean benign
+    reward at MATCH_BETA), and on half B the methods' values there with their bootstrap draws and the
+    differences of `comparisons` in the tail outcome."""
+    meta, level, grid = raw["meta"], WORLDS[world]["level"], grid or BETAS
     names = meta["policies"]
-    col = {m: [names.index(f"{m}_b{b:g}") for b in BETAS] for m in PRIMARY}
+    col = {m: [names.index(name_of(m, b)) for b in grid] for m in methods}
     on_a = metrics(raw, meta["half_a"], level)["benign_reward"].mean(0)
-    target = float(np.mean([on_a[col[m][BETAS.index(MATCH_BETA)]] for m in PRIMARY]))
-    matched = {m: match([on_a[c] for c in col[m]], target) for m in PRIMARY}
+    if target is None:
+        target = float(np.mean([on_a[col[m][grid.index(MATCH_BETA)]] for m in methods]))
+    matched = {m: match([on_a[c] for c in col[m]], target) for m in methods}
 
     def at_match(values, m):  # (seeds,) at the method's matched strength
         i, w, _ = matched[m]
@@ -246,16 +363,23 @@ def analyse_a(raw, world):
     point = metrics(raw, meta["half_b"], level)
     rng = np.random.default_rng(SPLIT_SEED)
     n_seeds = point["tail"].shape[0]
-    draws = {key: [] for key in ("values", "diffs")}
+    draws = {"values": [], "diffs": []}
     for _ in range(DRAWS):
         seeds = rng.integers(0, n_seeds, n_seeds)
         m_draw = metrics(raw, resample_prompts(rng, raw, meta["half_b"]), level)
-        vals = {(m, k): at_match(v[seeds], m).mean() for m in PRIMARY for k, v in m_draw.items()}
+        vals = {(m, k): at_match(v[seeds], m).mean() for m in methods for k, v in m_draw.items()}
         draws["values"].append(vals)
-        draws["diffs"].append({(a, b): vals[a, "tail"] - vals[b, "tail"] for a, b in COMPARISONS})
-    return {"target": target, "matched": matched, "on_a": on_a, "col": col, "point": point,
-            "at_match": {(m, k): float(at_match(v, m).mean()) for m in PRIMARY for k, v in point.items()},
+        draws["diffs"].append({(a, b): vals[a, "tail"] - vals[b, "tail"] for a, b in comparisons})
+    return {"target": target, "matched": matched, "on_a": on_a, "point": point, "grid": grid,
+            "at_match": {(m, k): float(at_match(v, m).mean()) for m in methods for k, v in point.items()},
             "draws": draws}
+
+
+def seeds_subset(raw, n):
+    """The raw results of the first n seeds only."""
+    out = {k: (v if k == "meta" else v[:n]) for k, v in raw.items()}
+    out["meta"] = {**raw["meta"], "seeds": raw["meta"]["seeds"][:n]}
+    return out
 
 
 def interval(xs, level=0.95):
@@ -285,55 +409,135 @@ def fmt(x, digits=3):
 REPORT = os.path.join("docs", "study", "tail.md")
 
 
+def tail_name(world):
+    return f"CVaR {WORLDS[world]['level']:g} of cost"
+
+
+EXTRA = {"heavy": ("catastrophic_rate", "catastrophic"), "gamble": ("shortcut_rate", "shortcut")}
+
+
+def policy_table(res, meta, world):
+    """Every policy of a part on half B (means over seeds), with its half-A benign reward."""
+    extra = EXTRA.get(world)
+    lines = [f"| policy | benign reward | {tail_name(world)} | severe | over-refusal | refusal of harmful | "
+             + (f"{extra[1]} | " if extra else "") + "benign reward (half A) |", "|---" * (7 + bool(extra)) + "|"]
+    for j, name in enumerate(meta["policies"]):
+        p = {k: float(v[:, j].mean()) for k, v in res["point"].items()}
+        lines.append(f"| {name} | {fmt(p['benign_reward'])} | {fmt(p['tail'])} | {fmt(p['severe_rate'])} | "
+                     f"{fmt(p['over_refusal'])} | {fmt(p['refusal_of_harmful'])} | "
+                     + (f"{fmt(p[extra[0]])} | " if extra else "") + f"{fmt(float(res['on_a'][j]))} |")
+    return lines + [""]
+
+
+def matched_table(res, world, label="beta_s"):
+    """Each method at the matched level: its strength (read on half A) and its half-B values with 95 % intervals."""
+    extra = EXTRA.get(world)
+    keys = ["benign_reward", "tail", "severe_rate", "over_refusal", *([extra[0]] if extra else [])]
+    lines = [f"| method | {label} | benign reward | {tail_name(world)} | severe | over-refusal | "
+             + (f"{extra[1]} |" if extra else ""), "|---" * (len(keys) + 2) + "|"]
+    draws = res["draws"]["values"]
+    for m in dict.fromkeys(m for m, _ in res["at_match"]):
+        i, w, reached = res["matched"][m]
+        cells = [f"{fmt(res['at_match'][m, k])} [{', '.join(map(fmt, interval([d[m, k] for d in draws])))}]"
+                 for k in keys]
+        lines.append(f"| {m} | {log_beta_at(i, w, res['grid']):.4f}{'' if reached else ' (not reached)'} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def part_b(world, res_a, raw_a):
+    raw = load_raw(world, "B")
+    if raw is None:
+        return ["### Part B (dose-response): not yet run", ""]
+    n = len(raw["meta"]["seeds"])
+    dose = analyse(raw, world, DOSE, target=res_a["target"])
+    primary = analyse(seeds_subset(raw_a, n), world, PRIMARY, target=res_a["target"])
+    return ([f"### Part B (dose-response; {n} seed(s), exploratory, uncorrected intervals)", "",
+             "At Part A's matched level; the Part A losses on the same seeds first:", ""]
+            + matched_table(primary, world)[:-1] + matched_table(dose, world)[2:] + policy_table(dose, raw["meta"],
+                                                                                               world))
+
+
+def part_c(world, raw_a):
+    raw = load_raw(world, "C")
+    if raw is None:
+        return ["### Part C (the reward stage alone): not yet run", ""]
+    n = len(raw["meta"]["seeds"])
+    name_of = lambda m, b: f"reward_{m}_br{b:g}"  # noqa: E731
+    on_a = metrics(raw, raw["meta"]["half_a"], WORLDS[world]["level"])["benign_reward"].mean(0)
+    target = float(on_a[raw["meta"]["policies"].index(name_of("expectation", BETA_R))])
+    res = analyse(raw, world, REWARD, BETAS_R, name_of, target=target)
+    sft = metrics(seeds_subset(raw_a, n), raw_a["meta"]["half_b"], WORLDS[world]["level"])["severe_rate"][:, 0]
+    lines = [f"### Part C (the reward stage alone; {n} seed(s), exploratory)", "",
+             f"Each reward stage's severe-harm rate as a multiple of the SFT model's ({fmt(float(sft.mean()))}, the "
+             "same seeds' samples), its benign reward and its sequential KL to the SFT model (256 test pairs, "
+             "chosen responses), on half B:", "",
+             "| loss | beta_r | benign reward | severe x SFT | seq. KL |", "|---|---|---|---|---|"]
+    for m in REWARD:
+        for b in BETAS_R:
+            j = raw["meta"]["policies"].index(name_of(m, b))
+            lines.append(f"| {m} | {b:g} | {fmt(float(res['point']['benign_reward'][:, j].mean()))} | "
+                         f"{fmt(float(res['point']['severe_rate'][:, j].mean() / sft.mean()), 2)} | "
+                         f"{fmt(float(np.nanmean(raw['kl'][:, j])), 2)} |")
+    return lines + ["", f"At matched benign reward (the expectation's at beta_r {BETA_R:g} on half A, "
+                        f"{target:.3f}):", ""] + matched_table(res, world, "beta_r")
+
+
+def part_d(world):
+    path = os.path.join(RAW, f"{world}-D.json")
+    if not os.path.exists(path):
+        return ["### Part D (the mechanism): not yet run", ""]
+    with open(path) as f:
+        d = json.load(f)
+    lines = ["### Part D (the mechanism)", "",
+             "The push -d loss / d logit on the severe token at the states where it can come next "
+             f"({d['states']['safety']} states in the first {d['pairs']} harmful-prompt safety pairs, "
+             f"{d['states']['reward']} in as many helpfulness pairs; each pair's loss on its own states, summed), "
+             "split into the preference term and the risk term, at the stage's start (its reference) and at the "
+             "loss's trained stage (safety: beta_s "
+             f"{d['beta_s']:g}; reward: beta_r {d['beta_r']:g}); positive raises the severe token. P(severe) there. "
+             "Means over seeds.", "",
+             "| stage | loss | seeds | push at start: preference, risk | push trained: preference, risk | "
+             "P(severe) start | P(severe) trained |", "|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in d["rows"]:
+        groups.setdefault((r["stage"], r["loss"]), []).append(r)
+    for (kind, loss), rs in groups.items():
+        (s0, s1, s2), (t0, t1, t2) = (np.mean([r[key] for r in rs], axis=0) for key in ("start", "trained"))
+        lines.append(f"| {kind} | {loss} | {len(rs)} | {s0:.2e}, {s1:.2e} | {t0:.2e}, {t1:.2e} | {fmt(s2, 4)} | "
+                     f"{fmt(t2, 4)} |")
+    return lines + [""]
+
+
 def report(path=REPORT):
     """docs/study/tail.md from the raw results alone."""
     family = len(WORLDS) * len(COMPARISONS)
     lines = ["# The tail study: results", "",
              "Generated by `python -m studies.tail --report` from `docs/study/raw/` (the plan: docs/study/plan.md). "
              "Each world's raw file records the commit and the thread count that made it.", ""]
-    results, rows = {}, []
+    rows = []
     for world in WORLDS:
         raw = load_raw(world, "A")
         if raw is None:
             lines += [f"## {world}: Part A not yet run", ""]
             continue
-        results[world] = res = analyse_a(raw, world)
+        res = analyse(raw, world, PRIMARY, comparisons=COMPARISONS)
         meta = raw["meta"]
-        tail = f"CVaR {WORLDS[world]['level']:g} of cost"
         lines += [f"## {world}", "",
-                  f"{len(meta['seeds'])} seeds, {meta['samples']} samples on each of {len(meta['prompts'])} prompts; "
-                  f"commit {meta['commit']}, {meta['threads_per_process']} thread(s) per process. Matched level "
-                  f"(half A, benign-prompt reward): {res['target']:.3f}.", "",
-                  f"Every policy on half B (means over seeds): benign reward, {tail}, severe-harm rate, over-refusal "
-                  "(refusals on benign prompts), refusal of harmful prompts"
-                  + (", catastrophic-harm rate" if world == "heavy" else ", shortcut share" if world == "gamble"
-                     else "") + "; and the benign reward on half A.", "",
-                  "| policy | benign reward | " + tail + " | severe | over-refusal | refusal of harmful | "
-                  + ("catastrophic | " if world == "heavy" else "shortcut | " if world == "gamble" else "")
-                  + "benign reward (half A) |", "|---" * (7 + (world != "quiet")) + "|"]
-        extra = {"heavy": "catastrophic_rate", "gamble": "shortcut_rate"}.get(world)
-        for j, name in enumerate(meta["policies"]):
-            p = {k: float(v[:, j].mean()) for k, v in res["point"].items()}
-            lines.append(f"| {name} | {fmt(p['benign_reward'])} | {fmt(p['tail'])} | {fmt(p['severe_rate'])} | "
-                         f"{fmt(p['over_refusal'])} | {fmt(p['refusal_of_harmful'])} | "
-                         + (f"{fmt(p[extra])} | " if extra else "") + f"{fmt(float(res['on_a'][j]))} |")
-        lines += ["", "At the matched level (beta_s read on half A; values on half B with 95 % intervals):", "",
-                  f"| method | beta_s | benign reward | {tail} | severe | over-refusal |", "|---|---|---|---|---|---|"]
-        for m in PRIMARY:
-            i, w, reached = res["matched"][m]
-            cell = {k: f"{fmt(res['at_match'][m, k])} [{', '.join(map(fmt, interval([d[m, k] for d in draws])))}]"
-                    for draws in [res["draws"]["values"]] for k in ("benign_reward", "tail", "severe_rate",
-                                                                       "over_refusal")}
-            lines.append(f"| {m} | {log_beta_at(i, w):.4f}{'' if reached else ' (not reached)'} | "
-                         f"{cell['benign_reward']} | {cell['tail']} | {cell['severe_rate']} | {cell['over_refusal']} |")
-        lines.append("")
+                  f"Part A: {len(meta['seeds'])} seeds, {meta['samples']} samples on each of {len(meta['prompts'])} "
+                  f"prompts; commit {meta['commit']}, {meta['threads_per_process']} thread(s) per process. Matched "
+                  f"level (half A, benign-prompt reward): {res['target']:.3f}.", "",
+                  "At the matched level (beta_s read on half A; values on half B with 95 % intervals):", ""]
+        lines += matched_table(res, world)
+        lines += ["Every policy on half B (means over seeds), and its benign reward on half A:", ""]
+        lines += policy_table(res, meta, world) + part_b(world, res, raw) + part_c(world, raw) + part_d(world)
         for a, b in COMPARISONS:
             xs = [d[a, b] for d in res["draws"]["diffs"]]
             rows.append((world, a, b, res["at_match"][a, "tail"] - res["at_match"][b, "tail"], xs))
     ps = [p_value(xs) for *_, xs in rows]
     adjusted = holm(ps, family)
     lines += ["## The primary comparisons", "",
-              f"Differences in the world's tail outcome at matched benign reward (negative: the first is safer). "
+              "Differences in the world's tail outcome at matched benign reward (negative: the first is safer). "
               f"Holm over the family of {family}; " + ("" if len(rows) == family else
                                                          f"{family - len(rows)} not yet run count as p = 1; ")
               + f"simultaneous intervals at 1 - {ALPHA:g}/{family}; MDE: the minimum detectable effect at 80 % "
@@ -358,7 +562,8 @@ def main(argv=None):
     p.add_argument("--out", default="runs/tail", help="output folder (resumable)")
     p.add_argument("--worlds_dir", default="worlds", help="where the variant worlds are (built there if missing)")
     p.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=tuple(WORLDS), help="which worlds")
-    p.add_argument("--parts", nargs="+", default=["A"], choices=("A", "B", "C"), help="which parts to run")
+    p.add_argument("--parts", nargs="+", default=["A"], choices=("A", "B", "C", "D"),
+                   help="which parts to run (D, the mechanism, reads the stages of A, B and C of seeds 0-4)")
     p.add_argument("--seeds", type=int, nargs="+", help="only these seeds of each part (default: the plan's)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (threads are split among them)")
@@ -386,13 +591,15 @@ def run(args):
     for world in args.worlds:
         if not os.path.exists(os.path.join(s.world(world), "world.json")):
             toy.build(s.world(world), "full", 0, variant=world)
-        for part in args.parts:
+        for part in set(args.parts) - {"D"}:
             jobs += [(seed_job, s, world, part, seed) for seed in SEEDS[part]
                      if args.seeds is None or seed in args.seeds]
     try:
-        run_all(jobs, args.jobs)
+        run_all(sorted(jobs, key=lambda job: (args.worlds.index(job[2]), job[3], job[4])), args.jobs)
     except RuntimeError as e:
         raise outputs.UsageError(e) from None
+    for world in args.worlds if "D" in args.parts else ():
+        print(f"[tail] wrote the mechanism of {world}: {len(mechanism(s, world)['rows'])} rows")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     monkeypatch.setattr(tail, "SEEDS", {"A": range(2), "B": range(1), "C": range(1)})
     monkeypatch.setattr(tail, "WORLDS", {"gamble": {"level": 0.05, "samples": 2}})
     monkeypatch.setattr(tail, "DRAWS", 50)
+    monkeypatch.setattr(tail, "DOSE", {k: tail.DOSE[k] for k in ("cvar_0.25", "erm_1")})
+    monkeypatch.setattr(tail, "REWARD", {k: tail.REWARD[k] for k in ("dpo", "expectation")})
+    monkeypatch.setattr(tail, "BETAS_R", (0.1, 0.3))
+    monkeypatch.setattr(tail, "BETAS", (0.1, 0.02))
     argv = ["--worlds", "gamble", "--worlds_dir", str(worlds), "--out", str(tmp_path / "runs"), "--steps", "2",
             "--jobs", "1"]
     assert tail.main([*argv, "--parts", "A", "--seeds", "0"]) == 0
@@ -67,9 +71,23 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     i = [p["prompt"] for p in raw["meta"]["prompts"]].index(row["prompt"])
     assert raw["cost"][1, j, i, row["sample"]] == row["cost"] == toy.cost(row["prompt"], row["response"])
     assert raw["reward"][1, j, i, row["sample"]] == row["reward"]
+    assert tail.main([*argv, "--parts", "B", "C", "D"]) == 0
+    assert tail.main([*argv, "--collect", "--parts", "A", "B", "C"]) == 0
+    with open(tmp_path / tail.RAW / "gamble-D.json") as f:
+        mech = json.load(f)
+    assert {(r["stage"], r["loss"]) for r in mech["rows"]} == {
+        *(("safety", m) for m in ("sacpo", "tdpo", "rsa_cvar_0.5", "cvar_0.25", "erm_1")),
+        ("reward", "dpo"), ("reward", "expectation")}
+    starts = [r["start"] for r in mech["rows"] if r["stage"] == "safety" and r["seed"] == 0]
+    # at the stage's start the policy is its reference: every risk term's gradient vanishes, and the preference
+    # term is the same for every loss (the same logratios, all zero), while the trained stages differ
+    assert len(starts) == 5 and all(abs(risk_part) < 1e-9 for _, risk_part, _ in starts)
+    assert all(start == pytest.approx(starts[0], abs=1e-9) for start in starts)
+    assert len({tuple(r["trained"]) for r in mech["rows"] if r["stage"] == "safety" and r["seed"] == 0}) == 5
     assert tail.main([*argv, "--report"]) == 0
     with open(tmp_path / tail.REPORT) as f:
         first = f.read()
+    assert "not yet run" not in first and "### Part D (the mechanism)" in first
     assert "## gamble" in first and "| gamble | rsa_cvar_0.5 - tdpo |" in first
     assert "Holm over the family of 2;" in first
     assert tail.main([*argv, "--report"]) == 0
