@@ -35,8 +35,8 @@ from toy import world as toy
 WORLDS = {"quiet": {"level": 0.05, "samples": 16}, "gamble": {"level": 0.05, "samples": 16},
           "heavy": {"level": 0.01, "samples": 64}}
 BETA_R = 0.1
-BETAS = (0.1, 0.02, 0.004)  # beta_s: lambda 1, 5, 25
-MATCH_BETA = 0.02  # the matched level L: the methods' mean half-A benign reward at this beta_s
+BETAS = (0.5, 0.1, 0.02, 0.004, 0.001)  # beta_s: lambda 0.2 to 100
+MECHANISM_BETA = 0.02
 REWARD_STAGE = ["--risk_measure", "expectation"]  # the shared pi_r (TDPO's token-level form)
 PRIMARY = {"sacpo": ["--loss", "dpo"], "tdpo": ["--risk_measure", "expectation"],
            "rsa_cvar_0.5": ["--risk_measure", "cvar", "--risk_level", "0.5"]}
@@ -112,7 +112,7 @@ def seed_job(s, world, part, seed):
 
 # ------------------------------------------------------------------------------------------------- the mechanism
 
-MECHANISM_PAIRS, MECHANISM_BETA = 256, 0.02
+MECHANISM_PAIRS = 256
 
 
 def loss_config(flags, beta):
@@ -345,15 +345,15 @@ def resample_prompts(rng, raw, half):
 
 
 def analyse(raw, world, methods, grid=None, name_of=lambda m, b: f"{m}_b{b:g}", comparisons=(), target=None):
-    """One part of one world: each method's matched strength (half A; at `target`, or the methods' mean benign
-    reward at MATCH_BETA), and on half B the methods' values there with their bootstrap draws and the
+    """One part of one world: each method's matched strength (half A; at `target`, or the midpoint of the SFT
+    model's and pi_r's benign reward), and on half B the methods' values there with their bootstrap draws and the
     differences of `comparisons` in the tail outcome."""
     meta, level, grid = raw["meta"], WORLDS[world]["level"], grid or BETAS
     names = meta["policies"]
     col = {m: [names.index(name_of(m, b)) for b in grid] for m in methods}
     on_a = metrics(raw, meta["half_a"], level)["benign_reward"].mean(0)
     if target is None:
-        target = float(np.mean([on_a[col[m][grid.index(MATCH_BETA)]] for m in methods]))
+        target = float((on_a[names.index("sft")] + on_a[names.index("pi_r")]) / 2)
     matched = {m: match([on_a[c] for c in col[m]], target) for m in methods}
 
     def at_match(values, m):  # (seeds,) at the method's matched strength
