@@ -348,7 +348,8 @@ def analyse(raw, world, methods, grid=None, name_of=lambda m, b: f"{m}_b{b:g}", 
     """One part of one world: each method's matched strength (half A; at `target`, or the midpoint of the SFT
     model's and pi_r's benign reward), and on half B the methods' values there with their bootstrap draws and the
     differences of `comparisons` in the tail outcome."""
-    meta, level, grid = raw["meta"], WORLDS[world]["level"], grid or BETAS
+    meta, level = raw["meta"], WORLDS[world]["level"]
+    grid = tuple(grid or meta["betas"])  # the grid the raw results were made on
     names = meta["policies"]
     col = {m: [names.index(name_of(m, b)) for b in grid] for m in methods}
     on_a = metrics(raw, meta["half_a"], level)["benign_reward"].mean(0)
@@ -445,6 +446,40 @@ def matched_table(res, world, label="beta_s"):
     return lines + [""]
 
 
+def common_levels(res, raw):
+    """(lowest, highest) half-A benign reward that every method's curve reaches: the largest of their minima and
+    the smallest of their maxima (None when the curves share no level)."""
+    names = raw["meta"]["policies"]
+    curves = [[res["on_a"][names.index(f"{m}_b{b:g}")] for b in res["grid"]] for m in PRIMARY]
+    lo, hi = max(min(c) for c in curves), min(max(c) for c in curves)
+    return (float(lo), float(hi)) if lo <= hi else None
+
+
+def post_hoc(raw, world, res):
+    """The primary comparisons at both ends of the helpfulness range all three methods reach: not in the plan
+    (chosen after its matched level proved out of reach), 95 % intervals, uncorrected."""
+    unreached = [m for m, (_, _, reached) in res["matched"].items() if not reached]
+    if not unreached:
+        return []
+    levels = common_levels(res, raw)
+    lines = [f"Not reached at the plan's level: {', '.join(unreached)}. **Post hoc, not in the plan:** the same "
+             "comparisons at the two ends of the half-A benign-reward range that every method reaches "
+             + ("(none: the curves share no level)." if levels is None else
+                f"({levels[0]:.3f} to {levels[1]:.3f}), 95 % intervals, uncorrected:"), ""]
+    if levels is None:
+        return lines
+    lines += [f"| level | comparison | difference in {tail_name(world)} | 95 % interval | "
+              "difference in benign reward (half B) |", "|---|---|---|---|---|"]
+    for level in levels:
+        at = analyse(raw, world, PRIMARY, comparisons=COMPARISONS, target=level)
+        for a, b in COMPARISONS:
+            xs = [d[a, b] for d in at["draws"]["diffs"]]
+            gap = at["at_match"][a, "benign_reward"] - at["at_match"][b, "benign_reward"]
+            lines.append(f"| {level:.3f} | {a} - {b} | {fmt(at['at_match'][a, 'tail'] - at['at_match'][b, 'tail'])} "
+                         f"| [{', '.join(map(fmt, interval(xs)))}] | {fmt(gap)} |")
+    return lines + [""]
+
+
 def part_b(world, res_a, raw_a):
     raw = load_raw(world, "B")
     if raw is None:
@@ -530,7 +565,8 @@ def report(path=REPORT):
                   "At the matched level (beta_s read on half A; values on half B with 95 % intervals):", ""]
         lines += matched_table(res, world)
         lines += ["Every policy on half B (means over seeds), and its benign reward on half A:", ""]
-        lines += policy_table(res, meta, world) + part_b(world, res, raw) + part_c(world, raw) + part_d(world)
+        lines += policy_table(res, meta, world) + post_hoc(raw, world, res) + part_b(world, res, raw)
+        lines += part_c(world, raw) + part_d(world)
         for a, b in COMPARISONS:
             xs = [d[a, b] for d in res["draws"]["diffs"]]
             rows.append((world, a, b, res["at_match"][a, "tail"] - res["at_match"][b, "tail"], xs))

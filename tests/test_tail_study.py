@@ -93,3 +93,15 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     assert tail.main([*argv, "--report"]) == 0
     with open(tmp_path / tail.REPORT) as f:
         assert f.read() == first
+
+
+def test_common_levels_are_the_range_every_curve_reaches():
+    names = [f"{m}_b{b:g}" for m in tail.PRIMARY for b in tail.BETAS]
+    curves = {"sacpo": [3.2, 2.3, 0.2, -0.3, -0.3], "tdpo": [3.1, 3.0, 3.0, 2.8, 2.7],
+              "rsa_cvar_0.5": [3.05, 3.0, 3.0, 2.85, 2.82]}
+    on_a = np.array([curves[n.rsplit("_b", 1)[0]][tail.BETAS.index(float(n.rsplit("_b", 1)[1]))] for n in names])
+    res = {"on_a": on_a, "grid": tail.BETAS}
+    assert tail.common_levels(res, {"meta": {"policies": names}}) == pytest.approx((2.82, 3.05))
+    curves["tdpo"] = [1.0] * 5
+    on_a = np.array([curves[n.rsplit("_b", 1)[0]][tail.BETAS.index(float(n.rsplit("_b", 1)[1]))] for n in names])
+    assert tail.common_levels({"on_a": on_a, "grid": tail.BETAS}, {"meta": {"policies": names}}) is None
