@@ -560,8 +560,8 @@ def report(path=REPORT):
         meta = raw["meta"]
         lines += [f"## {world}", "",
                   f"Part A: {len(meta['seeds'])} seeds, {meta['samples']} samples on each of {len(meta['prompts'])} "
-                  f"prompts; commit {meta['commit']}, {meta['threads_per_process']} thread(s) per process. Matched "
-                  f"level (half A, benign-prompt reward): {res['target']:.3f}.", "",
+                  f"prompts; collected at commit {meta['commit']}, {meta['threads_per_process']} thread(s) per "
+                  f"process. Matched level (half A, benign-prompt reward): {res['target']:.3f}.", "",
                   "At the matched level (beta_s read on half A; values on half B with 95 % intervals):", ""]
         lines += matched_table(res, world)
         lines += ["Every policy on half B (means over seeds), and its benign reward on half A:", ""]
