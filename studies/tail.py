@@ -103,11 +103,17 @@ def seed_job(s, world, part, seed):
                 s.evaluated(world, stage, name, seed, extra=("--kl_pairs", f"{s.world(world)}/test.jsonl",
                                                              "--kl_reference", sft))
         return
+
+    def safety(m, b, loss):
+        return trained(train_safety_stage, f"{base}/{m}_b{b:g}", ["--reward_stage", pi_r, "--beta", repr(b), *flags,
+                                                                  *loss])
+
     for m, loss in (PRIMARY if part == "A" else DOSE).items():
         for b in BETAS:
-            stage = trained(train_safety_stage, f"{base}/{m}_b{b:g}",
-                            ["--reward_stage", pi_r, "--beta", repr(b), *flags, *loss])
-            s.evaluated(world, stage, f"{m}_b{b:g}", seed)
+            s.evaluated(world, safety(m, b, loss), f"{m}_b{b:g}", seed)
+    if part == "B":  # Part D compares the dose losses with the primary ones at MECHANISM_BETA: the same stages as
+        for m, loss in PRIMARY.items():  # Part A's (kept if there), not evaluated again
+            safety(m, MECHANISM_BETA, loss)
 
 
 # ------------------------------------------------------------------------------------------------- the mechanism
@@ -116,18 +122,12 @@ MECHANISM_PAIRS = 256
 
 
 def loss_config(flags, beta):
-    """The LossConfig a stage with these loss flags and beta trains with."""
+    """The LossConfig a stage with these loss flags and beta trains with, parsed by the safety stage's own parser
+    (both stages share the loss flags and their defaults; the required paths are placeholders, never opened)."""
     import stage
 
-    args = argparse.Namespace(loss="ra_dpo2", risk_measure="cvar_radpo", risk_level=0.95, erm_on_rewards=False,
-                              beta=beta, alpha=0.5, split_vocab=False, loss_reduction="mean", chunk_size=256)
-    for i, flag in enumerate(flags):
-        if flag == "--erm_on_rewards":
-            args.erm_on_rewards = True
-        elif flag.startswith("--"):
-            value = flags[i + 1]
-            setattr(args, flag[2:], float(value) if flag == "--risk_level" else value)
-    return stage.LossConfig.from_args(args)
+    argv = ["--reward_stage", "-", "--data", "-", "--out", "-", "--beta", repr(beta), *flags]
+    return stage.LossConfig.from_args(train_safety_stage.build_parser().parse_args(argv))
 
 
 def decision_batch(world, tokenizer, preference):
