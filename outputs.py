@@ -31,7 +31,8 @@ import data
 CONFIG_FILE, COMPLETE_FILE, METRICS_FILE = "rsa_config.json", "complete.json", "metrics.jsonl"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # Settings that do not change what a run computes: a re-run that differs only in these is the same run.
-NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every", "save_total_limit", "config", "report_to"}
+NOT_PART_OF_RUN = {"overwrite", "log_every", "out", "resume", "save_every", "save_total_limit", "keep_checkpoints",
+                   "config", "report_to"}
 
 
 class UsageError(Exception):
@@ -255,6 +256,8 @@ def add_flags(g):
                    help="steps between checkpoints (weights, optimizer, scheduler, RNG, data position); 0: none")
     g.add_argument("--save_total_limit", type=int, default=2,
                    help="complete checkpoints kept (the newest ones; a damaged newest one falls back to the previous)")
+    g.add_argument("--keep_checkpoints", action="store_true",
+                   help="keep them in <out>/checkpoints when the run finishes (removed by default)")
     g.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in <out>.tmp from its newest readable checkpoint (an error when "
                         "there is none: a typo in --out does not silently start a new run)")
@@ -617,10 +620,11 @@ The base, {cfg["base_model"]} (a local path is relative to this folder), is reco
         f.write(text)
 
 
-def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0):
+def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0, keep_checkpoints=False):
     """The final output, atomically: the adapter (one LoRA adapter on the recorded base that stock peft loads), the
     tokenizer, the config and a model card into the work folder, the completeness marker last, then one rename onto
-    --out. A failing write leaves the checkpoints in place to resume from."""
+    --out. A failing write leaves the checkpoints in place to resume from; after the rename they are removed unless
+    kept."""
     try:
         write_adapter(work, adapter, cfg["base_model"], dropout)
         tokenizer.save_pretrained(work)
@@ -629,7 +633,8 @@ def publish(adapter, tokenizer, cfg, work, out, summary, dropout=0.0):
         write_json(os.path.join(work, COMPLETE_FILE), {**summary, "working_directory": os.getcwd()})
     except OSError as e:
         raise write_failed(e, work, "the final output:") from None
-    shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
+    if not keep_checkpoints:
+        shutil.rmtree(os.path.join(work, "checkpoints"), ignore_errors=True)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(work, out)

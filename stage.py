@@ -697,7 +697,8 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, r
                "final_eval": final_eval}
     if runtime.main:
         log.close()
-        outputs.publish(adapter(model), tokenizer, cfg, work, args.out, summary, args.lora_dropout)
+        outputs.publish(adapter(model), tokenizer, cfg, work, args.out, summary, args.lora_dropout,
+                        args.keep_checkpoints)
         print(f"[train] saved {cfg['stage']} stage to {args.out}"
               + (f" ({skipped} non-finite batches skipped)" if skipped else ""), flush=True)
     runtime.barrier()

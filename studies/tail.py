@@ -37,6 +37,9 @@ WORLDS = {"quiet": {"level": 0.05, "samples": 16}, "gamble": {"level": 0.05, "sa
 BETA_R = 0.1
 BETAS = (0.5, 0.1, 0.02, 0.004, 0.001)  # beta_s: lambda 0.2 to 100
 MECHANISM_BETA = 0.02
+# Part D's stages (Parts B and C at MECHANISM_BETA / BETA_R) keep a checkpoint every 25 steps: P(severe) through
+# training. Checkpoints change nothing a stage computes (its config is the same without them).
+KEPT = ["--save_every", "25", "--save_total_limit", "10", "--keep_checkpoints"]
 REWARD_STAGE = ["--risk_measure", "expectation"]  # the shared pi_r (TDPO's token-level form)
 PRIMARY = {"sacpo": ["--loss", "dpo"], "tdpo": ["--risk_measure", "expectation"],
            "rsa_cvar_0.5": ["--risk_measure", "cvar", "--risk_level", "0.5"]}
@@ -90,6 +93,10 @@ def seed_job(s, world, part, seed):
     base, flags = os.path.join(s.out, world, f"seed{seed}"), s.flags(world, seed)
     sft = f"{s.world(world)}/sft"
     pi_r = f"{base}/pi_r"
+
+    def stage_flags(beta, loss, mechanism_beta):  # Part D's stages of Parts B and C keep their checkpoints
+        return ["--beta", repr(beta), *flags, *loss, *(KEPT if part in "BC" and beta == mechanism_beta else [])]
+
     if part in ("A", "B"):
         trained(train_reward_stage, pi_r, ["--sft", sft, "--beta", repr(BETA_R), *flags, *REWARD_STAGE])
     if part == "A":
@@ -99,20 +106,20 @@ def seed_job(s, world, part, seed):
         for m, loss in REWARD.items():
             for b in BETAS_R:
                 name = f"reward_{m}_br{b:g}"
-                stage = trained(train_reward_stage, f"{base}/{name}", ["--sft", sft, "--beta", repr(b), *flags, *loss])
+                stage = trained(train_reward_stage, f"{base}/{name}", ["--sft", sft, *stage_flags(b, loss, BETA_R)])
                 s.evaluated(world, stage, name, seed, extra=("--kl_pairs", f"{s.world(world)}/test.jsonl",
                                                              "--kl_reference", sft))
         return
 
     def safety(m, b, loss):
-        return trained(train_safety_stage, f"{base}/{m}_b{b:g}", ["--reward_stage", pi_r, "--beta", repr(b), *flags,
-                                                                  *loss])
+        return trained(train_safety_stage, f"{base}/{m}_b{b:g}",
+                       ["--reward_stage", pi_r, *stage_flags(b, loss, MECHANISM_BETA)])
 
     for m, loss in (PRIMARY if part == "A" else DOSE).items():
         for b in BETAS:
             s.evaluated(world, safety(m, b, loss), f"{m}_b{b:g}", seed)
     if part == "B":  # Part D compares the dose losses with the primary ones at MECHANISM_BETA: the same stages as
-        for m, loss in PRIMARY.items():  # Part A's (kept if there), not evaluated again
+        for m, loss in PRIMARY.items():  # Part A's (reused if there), not evaluated again
             safety(m, MECHANISM_BETA, loss)
 
 

@@ -101,6 +101,15 @@ def test_deterministic_runs_and_changes_nothing_on_the_cpu(reference_run, tiny_w
     assert same_weights(adapter(out), adapter(reference_run["out"]))
 
 
+def test_checkpoints_are_removed_at_the_end_unless_kept(reference_run, tiny_world):
+    assert not os.path.exists(os.path.join(reference_run["out"], "checkpoints"))
+    out = str(reference_run["tmp"] / "kept")
+    assert train_reward_stage.main(argv_for(tiny_world, reference_run["pairs"], out,
+                                            extra=["--keep_checkpoints", "--save_total_limit", "5"])) == 0
+    assert [os.path.basename(c) for c in outputs.complete_checkpoints(out)] == ["step-00000002", "step-00000004"]
+    assert same_weights(adapter(out), adapter(reference_run["out"]))  # the same run, its checkpoints kept
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
