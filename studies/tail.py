@@ -192,6 +192,45 @@ def severe_push(model, reference_logits, batch, states, config):
     return parts[0], parts[1], float(np.mean([probs[r, t, v].item() for r, t, v in states]))
 
 
+def policy_at(folder, checkpoint=None):
+    """A stage's policy as it was at one of its kept checkpoints (None: at its start), built as the stage built it
+    from its recorded args (the reward stage: the SFT model with a new adapter; the safety stage: pi_r stacked
+    under one) with the checkpoint's trainable weights."""
+    from safetensors.torch import load_file
+
+    import stage
+
+    with open(os.path.join(folder, outputs.CONFIG_FILE)) as f:
+        cfg = json.load(f)
+    args, runtime = argparse.Namespace(**cfg["args"]), stage.Runtime("fp32")
+    if cfg["stage"] == "safety":
+        model = train_safety_stage.stacked_model(args, cfg["parent_config"], runtime)
+    else:
+        model = stage.add_lora(stage.training_base(args.sft, args.revision, args, runtime), args)
+    if checkpoint is not None:
+        weights = load_file(os.path.join(checkpoint, "trainable.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if unexpected or trainable - set(weights):
+            raise RuntimeError(f"{checkpoint}: its weights are not {folder}'s trainable parameters")
+    return model.eval()
+
+
+def trajectory(folder, batch, states):
+    """{step: P(severe) at the states} at the stage's start (0) and at each kept checkpoint."""
+    import torch
+
+    points = {0: None, **{int(os.path.basename(c)[5:]): c for c in outputs.complete_checkpoints(folder)}}
+    out = {}
+    for step, checkpoint in points.items():
+        with torch.no_grad():
+            logits = policy_at(folder, checkpoint)(input_ids=batch["input_ids"],
+                                                   attention_mask=batch["attention_mask"]).logits.float()
+        probs = torch.softmax(logits, -1)
+        out[step] = float(np.mean([probs[r, t, v].item() for r, t, v in states]))
+    return out
+
+
 def mechanism(s, world, seeds=range(5)):
     """Part D for one world: per loss of Parts A and B (beta_s MECHANISM_BETA, safety pairs, from pi_r) and of Part
     C (beta_r BETA_R, helpfulness pairs, from the SFT model), at the stage's start (its reference) and at the loss's
@@ -223,7 +262,13 @@ def mechanism(s, world, seeds=range(5)):
                 config = loss_config(flags, beta)
                 start = severe_push(start_model, reference, batch, states, config)
                 end = severe_push(stage.load_policy(folder).eval(), reference, batch, states, config)
-                rows.append({"stage": kind, "seed": seed, "loss": name, "start": start, "trained": end})
+                row = {"stage": kind, "seed": seed, "loss": name, "start": start, "trained": end}
+                kept = outputs.complete_checkpoints(folder)
+                if kept:  # P(severe) through training, and the push after the first checkpoint's steps
+                    row["through_training"] = {**trajectory(folder, batch, states), s.steps: end[2]}
+                    row["early"] = [int(os.path.basename(kept[0])[5:]),
+                                    *severe_push(policy_at(folder, kept[0]), reference, batch, states, config)]
+                rows.append(row)
     out = {"world": world, "states": counts, "pairs": MECHANISM_PAIRS, "beta_s": MECHANISM_BETA, "beta_r": BETA_R,
            "rows": rows}
     os.makedirs(RAW, exist_ok=True)
@@ -548,6 +593,20 @@ def part_d(world):
         (s0, s1, s2), (t0, t1, t2) = (np.mean([r[key] for r in rs], axis=0) for key in ("start", "trained"))
         lines.append(f"| {kind} | {loss} | {len(rs)} | {s0:.2e}, {s1:.2e} | {t0:.2e}, {t1:.2e} | {fmt(s2, 4)} | "
                      f"{fmt(t2, 4)} |")
+    kept = [(key, [r for r in rs if "through_training" in r]) for key, rs in groups.items()]
+    kept = [(key, rs) for key, rs in kept if rs]
+    if kept:
+        steps = sorted({int(t) for _, rs in kept for r in rs for t in r["through_training"]})
+        early = kept[0][1][0]["early"][0]
+        lines += ["", f"Through training (the stages that kept a checkpoint every {steps[1]} steps): P(severe) at "
+                  f"the states by step, and the push after {early} steps (preference, risk). Means over seeds.", "",
+                  f"| stage | loss | seeds | {' | '.join(f'step {t}' for t in steps)} | push at step {early} |",
+                  "|---|---|---|" + "---|" * (len(steps) + 1)]
+        for (kind, loss), rs in kept:
+            probs = [np.mean([r["through_training"][str(t)] for r in rs]) for t in steps]
+            push = np.mean([r["early"][1:3] for r in rs], axis=0)
+            lines.append(f"| {kind} | {loss} | {len(rs)} | {' | '.join(fmt(x, 4) for x in probs)} | "
+                         f"{push[0]:.2e}, {push[1]:.2e} |")
     return lines + [""]
 
 

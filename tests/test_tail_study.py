@@ -7,8 +7,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
+import stage
+import train_safety_stage
 from studies import tail
 from toy import world as toy
 
@@ -56,6 +59,7 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     monkeypatch.setattr(tail, "REWARD", {k: tail.REWARD[k] for k in ("dpo", "expectation")})
     monkeypatch.setattr(tail, "BETAS_R", (0.1, 0.3))
     monkeypatch.setattr(tail, "BETAS", (0.1, 0.02))
+    monkeypatch.setattr(tail, "KEPT", ["--save_every", "1", "--save_total_limit", "5", "--keep_checkpoints"])
     argv = ["--worlds", "gamble", "--worlds_dir", str(worlds), "--out", str(tmp_path / "runs"), "--steps", "2",
             "--jobs", "1"]
     assert tail.main([*argv, "--parts", "A", "--seeds", "0"]) == 0
@@ -84,10 +88,26 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     assert len(starts) == 5 and all(abs(risk_part) < 1e-9 for _, risk_part, _ in starts)
     assert all(start == pytest.approx(starts[0], abs=1e-9) for start in starts)
     assert len({tuple(r["trained"]) for r in mech["rows"] if r["stage"] == "safety" and r["seed"] == 0}) == 5
+    # through training: step 0 rebuilt from the recorded args is the start, and the step-1 checkpoint is the policy
+    # of the same stage trained for 1 step (warm-up of 1 step in both, so the same first update)
+    row = next(r for r in mech["rows"] if (r["stage"], r["loss"], r["seed"]) == ("safety", "cvar_0.25", 0))
+    assert sorted(row["through_training"]) == ["0", "1", "2"] and row["early"][0] == 1
+    assert row["through_training"]["0"] == pytest.approx(row["start"][2], rel=1e-5)
+    one = str(tmp_path / "one_step")
+    flags = tail.Study(str(tmp_path / "runs"), str(worlds), 1).flags("gamble", 0)
+    assert train_safety_stage.main(["--reward_stage", str(tmp_path / "runs" / "gamble" / "seed0" / "pi_r"),
+                                    "--beta", "0.02", *flags, *tail.DOSE["cvar_0.25"], "--out", one]) == 0
+    batch, states = tail.decision_batch(str(worlds / "gamble"), stage.load_tokenizer(one), "safer")
+    with torch.no_grad():
+        probs = torch.softmax(stage.load_policy(one)(input_ids=batch["input_ids"],
+                                                     attention_mask=batch["attention_mask"]).logits, -1)
+    assert row["through_training"]["1"] == pytest.approx(np.mean([probs[r, t, v].item() for r, t, v in states]),
+                                                         rel=1e-4)
+    assert row["through_training"]["1"] != pytest.approx(row["through_training"]["0"], rel=1e-3)
     assert tail.main([*argv, "--report"]) == 0
     with open(tmp_path / tail.REPORT) as f:
         first = f.read()
-    assert "not yet run" not in first and "### Part D (the mechanism)" in first
+    assert "not yet run" not in first and "### Part D (the mechanism)" in first and "Through training" in first
     assert "## gamble" in first and "| gamble | rsa_cvar_0.5 - tdpo |" in first
     assert "Holm over the family of 2;" in first
     assert tail.main([*argv, "--report"]) == 0
