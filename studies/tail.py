@@ -25,11 +25,12 @@ import sys
 
 import numpy as np
 
+import dual_alignment
 import evaluate
 import outputs
 import train_reward_stage
 import train_safety_stage
-from studies.matched import run_all, trained
+from studies.matched import mixed, run_all, trained
 from toy import world as toy
 
 WORLDS = {"quiet": {"level": 0.05, "samples": 16}, "gamble": {"level": 0.05, "samples": 16},
@@ -52,7 +53,16 @@ REWARD = {"dpo": ["--loss", "dpo"], "expectation": ["--risk_measure", "expectati
           "cvar_0.5": ["--risk_measure", "cvar", "--risk_level", "0.5"],
           "erm_1": ["--risk_measure", "erm", "--risk_level", "1", "--erm_on_rewards"]}
 BETAS_R = (0.03, 0.1, 0.3, 1.0)
-SEEDS = {"A": range(20), "B": range(5), "C": range(5)}
+SEEDS = {"A": range(20), "B": range(5), "C": range(5), "E": range(5)}
+# Part E (plan amendment 2): four ways to meet a budget on the tail outcome for RSA, each choosing on half A (the
+# tuning prompts) and reported on half B. The budgets: the midpoint of pi_r's and the strongest RSA stage's half-A
+# tail in Part A (20 seeds). The dual loops: 5 iterations from lambda 5 (beta_s 0.02), steps of 10 per unit of
+# CVaR; CAID labels CAID_PAIRS pairs per training prompt each iteration.
+BUDGET_METHOD = "rsa_cvar_0.5"
+BUDGETS = {"quiet": 10.5, "gamble": 13.1}
+QS = (0.25, 0.5, 0.75)
+LOOPS, ITERATIONS, CAID_PAIRS = ("stepwise", "caid"), 5, 10
+DUAL = ["--iterations", str(ITERATIONS), "--lambda_init", "5", "--dual_lr", "10", "--constraint", "cvar_cost_0.05"]
 SPLIT_SEED, DRAWS, ALPHA = 2026, 2000, 0.05
 RAW = os.path.join("docs", "study", "raw")
 
@@ -63,6 +73,10 @@ class Study:
 
     def world(self, name):
         return os.path.join(self.worlds, name)
+
+    def tuning(self, world):
+        """Half A of the world's evaluation prompts as a prompt file: what Part E's dual loops measure."""
+        return os.path.join(self.out, world, "tuning_prompts.json")
 
     def flags(self, world, seed):
         return ["--data", f"{self.world(world)}/train.jsonl", "--max_length", "64", "--max_prompt_length", "32",
@@ -85,6 +99,9 @@ def policy_names(part):
         return ["sft", "pi_r", *[f"{m}_b{b:g}" for m in PRIMARY for b in BETAS]]
     if part == "B":
         return [f"{m}_b{b:g}" for m in DOSE for b in BETAS]
+    if part == "E":
+        return ["pi_r", *[f"{BUDGET_METHOD}_b{b:g}" for b in BETAS], *[f"mix_b{b:g}_q{q:g}" for b in BETAS for q in QS],
+                *[f"{loop}_it{k}" for loop in LOOPS for k in range(ITERATIONS)]]
     return [f"reward_{m}_br{b:g}" for m in REWARD for b in BETAS_R]
 
 
@@ -115,12 +132,45 @@ def seed_job(s, world, part, seed):
         return trained(train_safety_stage, f"{base}/{m}_b{b:g}",
                        ["--reward_stage", pi_r, *stage_flags(b, loss, MECHANISM_BETA)])
 
+    if part == "E":
+        budget_runs(s, world, seed, safety, flags)
+        return
     for m, loss in (PRIMARY if part == "A" else DOSE).items():
         for b in BETAS:
             s.evaluated(world, safety(m, b, loss), f"{m}_b{b:g}", seed)
     if part == "B":  # Part D compares the dose losses with the primary ones at MECHANISM_BETA: the same stages as
         for m, loss in PRIMARY.items():  # Part A's (reused if there), not evaluated again
             safety(m, MECHANISM_BETA, loss)
+
+
+def budget_runs(s, world, seed, safety, flags):
+    """Part E's candidates for one seed, each evaluated on every prompt: pi_r and BUDGET_METHOD's stage at each beta_s
+    (the fixed lambdas), their mixtures with pi_r at QS (RSA(P)), and the iterates of both dual loops (their dual
+    steps read half A only)."""
+    base = os.path.join(s.out, world, f"seed{seed}")
+    pi_r, loss = f"{base}/pi_r", PRIMARY[BUDGET_METHOD]
+    s.evaluated(world, pi_r, "pi_r", seed)
+    for b in BETAS:
+        fixed = safety(BUDGET_METHOD, b, loss)
+        s.evaluated(world, fixed, f"{BUDGET_METHOD}_b{b:g}", seed)
+        for q, mix in zip(QS, mixed(pi_r, fixed, QS, f"{base}/mix_b{b:g}")):
+            s.evaluated(world, mix, f"mix_b{b:g}_q{q:g}", seed)
+    for loop in LOOPS:
+        out = f"{base}/{loop}"
+        start = (["--reward_stage", pi_r, *loss] if loop == "stepwise" else
+                 ["--sft", f"{s.world(world)}/sft", "--beta", repr(BETA_R), "--pairs_per_prompt", str(CAID_PAIRS)])
+        argv = ["--policy_step", loop, *start, "--prompts", s.tuning(world), "--scorer", "toy", "--budget",
+                repr(BUDGETS[world]), *DUAL, "--num_samples", str(WORLDS[world]["samples"]), "--max_new_tokens", "24",
+                "--out", out, *flags]
+        if dual_alignment.main(argv) != 0:
+            raise RuntimeError(f"the {loop} dual loop into {out} failed")
+        for r in loop_trace(out):
+            s.evaluated(world, outputs.resolved_path(r["policy"], out), f"{loop}_it{r['iteration']}", seed)
+
+
+def loop_trace(out):
+    with open(os.path.join(out, "trace.json")) as f:
+        return json.load(f)["iterations"]
 
 
 # ------------------------------------------------------------------------------------------------- the mechanism
@@ -324,6 +374,10 @@ def collect(s, world, part, commit, threads):
     meta = {"world": world, "part": part, "seeds": seeds, "policies": names, "prompts": prompts, "half_a": half_a,
             "half_b": half_b, "samples": n, "steps": s.steps, "commit": commit, "threads_per_process": threads,
             "beta_r": BETA_R, "betas": BETAS, "betas_r": BETAS_R}
+    if part == "E":  # the dual loops' lambda and constraint (on half A) per iteration
+        meta.update(budget=BUDGETS[world], qs=QS, loops={loop: [
+            [[r["lambda"], r["constraint"]] for r in loop_trace(os.path.join(s.out, world, f"seed{seed}", loop))]
+            for seed in seeds] for loop in LOOPS})
     os.makedirs(RAW, exist_ok=True)
     path = os.path.join(RAW, f"{world}-{part}.npz")
     tmp = path + ".tmp.npz"
@@ -610,6 +664,111 @@ def part_d(world):
     return lines + [""]
 
 
+def clopper_pearson(k, n, level=0.95):
+    """The exact binomial interval for k successes in n trials: lower end where P(X >= k) = (1 - level) / 2, upper
+    end where P(X <= k) = (1 - level) / 2, i.e. P(X >= k + 1) = (1 + level) / 2; by bisection (both tails rise with
+    p)."""
+    def at_least(j, p):
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(j, n + 1))
+
+    def root(j, target):
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if at_least(j, mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    return (0.0 if k == 0 else root(k, (1 - level) / 2)), (1.0 if k == n else root(k + 1, (1 + level) / 2))
+
+
+def approaches(names):
+    """Part E's approaches: their candidate policies (columns of the raw file)."""
+    col = names.index
+    return {"(a) best of k fixed lambda": [col(f"{BUDGET_METHOD}_b{b:g}") for b in BETAS],
+            "(b) RSA(P), endpoint and q chosen": [col("pi_r"), *[col(f"{BUDGET_METHOD}_b{b:g}") for b in BETAS],
+                                                  *[col(f"mix_b{b:g}_q{q:g}") for b in BETAS for q in QS]],
+            **{f"({c}) dual loop, {loop}": [col(f"{loop}_it{k}") for k in range(ITERATIONS)]
+               for c, loop in zip("cd", LOOPS)}}
+
+
+def choose(tail, reward, budget, candidates):
+    """Per seed, (the candidate picked on half A, whether it met the budget there): the highest benign reward among
+    the candidates within the budget, else the one with the smallest tail."""
+    picks = []
+    for t, r in zip(tail, reward):
+        within = [c for c in candidates if t[c] <= budget]
+        if within:
+            picks.append((max(within, key=r.__getitem__), True))
+        else:
+            picks.append((min(candidates, key=t.__getitem__), False))
+    return picks
+
+
+def part_e(world):
+    raw = load_raw(world, "E")
+    if world not in BUDGETS:
+        return []
+    if raw is None:
+        return ["### Part E (the budget comparison): not yet run", ""]
+    meta, level = raw["meta"], WORLDS[world]["level"]
+    budget, n = meta["budget"], len(meta["seeds"])
+    on_a, on_b = metrics(raw, meta["half_a"], level), metrics(raw, meta["half_b"], level)
+    ways = approaches(meta["policies"])
+    picks = {w: choose(on_a["tail"], on_a["benign_reward"], budget, c) for w, c in ways.items()}
+    columns = {w: np.array([c for c, _ in p]) for w, p in picks.items()}
+    seeds = np.arange(n)
+
+    def picked(values, w):
+        return values[seeds, columns[w]]
+
+    rng = np.random.default_rng(SPLIT_SEED)
+    draws = []
+    for _ in range(DRAWS):
+        drawn = rng.integers(0, n, n)
+        m = metrics(raw, resample_prompts(rng, raw, meta["half_b"]), level)
+        draws.append({(w, k): picked(m[k], w)[drawn].mean() for w in ways for k in ("tail", "benign_reward")})
+    trainings = {"(a) best of k fixed lambda": len(BETAS), "(b) RSA(P), endpoint and q chosen": len(BETAS)}
+    for c, loop in zip("cd", LOOPS):  # a stepwise iterate at lambda 0 is pi_r: no training
+        trainings[f"({c}) dual loop, {loop}"] = np.mean([sum(1 for lam, _ in t if loop == "caid" or lam > 0)
+                                                         for t in meta["loops"][loop]])
+    tail_name_ = tail_name(world)
+    lines = [f"### Part E (the budget comparison; {n} seed(s), exploratory)", "",
+             f"The budget: {tail_name_} <= {budget:g}, for {BUDGET_METHOD}. Each approach picks per seed, on half A, "
+             "the highest benign reward among its candidates within the budget (else its smallest tail); reported "
+             "on half B. (a) the stages at each beta_s; (b) those, pi_r and their mixtures with pi_r at q "
+             f"{', '.join(map(str, QS))}; (c) and (d) the dual loops' iterates ({ITERATIONS} iterations from lambda "
+             "5, dual steps on half A). Met: seeds within the budget, with the exact (Clopper-Pearson) 95 % "
+             "interval of the rate; values with 95 % bootstrap intervals (seeds and prompts); the difference from "
+             "(a), paired.", "",
+             f"| approach | met on half A | met on half B [95 %] | {tail_name_} | benign reward | over-refusal | "
+             f"{tail_name_} - (a) | benign reward - (a) | trainings / seed | candidates |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    first = next(iter(ways))
+    for w in ways:
+        met_a = sum(ok for _, ok in picks[w])
+        met_b = int((picked(on_b["tail"], w) <= budget).sum())
+        lo, hi = clopper_pearson(met_b, n)
+        cells = []
+        for k in ("tail", "benign_reward"):
+            xs = [d[w, k] for d in draws]
+            cells.append(f"{fmt(float(picked(on_b[k], w).mean()))} [{', '.join(map(fmt, interval(xs)))}]")
+        for k in ("tail", "benign_reward"):
+            diff = float(picked(on_b[k], w).mean() - picked(on_b[k], first).mean())
+            xs = [d[w, k] - d[first, k] for d in draws]
+            cells.append("" if w == first else f"{fmt(diff)} [{', '.join(map(fmt, interval(xs)))}]")
+        lines.append(f"| {w} | {met_a} of {n} | {met_b} of {n} [{lo:.2f}, {hi:.2f}] | {cells[0]} | {cells[1]} | "
+                     f"{fmt(float(picked(on_b['over_refusal'], w).mean()))} | {cells[2]} | {cells[3]} | "
+                     f"{trainings[w]:g} | {len(ways[w])} |")
+    lines += ["", "The dual loops' lambda by iteration (mean over seeds) and their constraint on half A:", "",
+              "| loop | " + " | ".join(f"iteration {k}" for k in range(ITERATIONS)) + " |",
+              "|---|" + "---|" * ITERATIONS]
+    for loop in LOOPS:
+        t = np.array(meta["loops"][loop])  # (seeds, iterations, [lambda, constraint])
+        lines.append(f"| {loop} | " + " | ".join(f"{t[:, k, 0].mean():.2f} ({t[:, k, 1].mean():.2f})"
+                                                 for k in range(t.shape[1])) + " |")
+    return lines + [""]
+
+
 def report(path=REPORT):
     """docs/study/tail.md from the raw results alone."""
     family = len(WORLDS) * len(COMPARISONS)
@@ -632,7 +791,7 @@ def report(path=REPORT):
         lines += matched_table(res, world)
         lines += ["Every policy on half B (means over seeds), and its benign reward on half A:", ""]
         lines += policy_table(res, meta, world) + post_hoc(raw, world, res) + part_b(world, res, raw)
-        lines += part_c(world, raw) + part_d(world)
+        lines += part_c(world, raw) + part_d(world) + part_e(world)
         for a, b in COMPARISONS:
             xs = [d[a, b] for d in res["draws"]["diffs"]]
             rows.append((world, a, b, res["at_match"][a, "tail"] - res["at_match"][b, "tail"], xs))
@@ -664,8 +823,9 @@ def main(argv=None):
     p.add_argument("--out", default="runs/tail", help="output folder (resumable)")
     p.add_argument("--worlds_dir", default="worlds", help="where the variant worlds are (built there if missing)")
     p.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=tuple(WORLDS), help="which worlds")
-    p.add_argument("--parts", nargs="+", default=["A"], choices=("A", "B", "C", "D"),
-                   help="which parts to run (D, the mechanism, reads the stages of A, B and C of seeds 0-4)")
+    p.add_argument("--parts", nargs="+", default=["A"], choices=("A", "B", "C", "D", "E"),
+                   help="which parts to run (D, the mechanism, reads the stages of A, B and C of seeds 0-4; E, the "
+                        "budget comparison, runs in the worlds of BUDGETS)")
     p.add_argument("--seeds", type=int, nargs="+", help="only these seeds of each part (default: the plan's)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (threads are split among them)")
@@ -685,7 +845,7 @@ def run(args):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         for world in args.worlds:
-            for part in args.parts:
+            for part in [p for p in args.parts if p != "E" or world in BUDGETS]:
                 path = collect(s, world, part, commit, threads)
                 print(f"[tail] {world} part {part}: " + (f"wrote {path}" if path else "not finished; nothing written"))
         return
@@ -693,7 +853,12 @@ def run(args):
     for world in args.worlds:
         if not os.path.exists(os.path.join(s.world(world), "world.json")):
             toy.build(s.world(world), "full", 0, variant=world)
-        for part in set(args.parts) - {"D"}:
+        if "E" in args.parts and world in BUDGETS:
+            with open(os.path.join(s.world(world), "eval_prompts.json")) as f:
+                prompts = json.load(f)
+            os.makedirs(os.path.dirname(s.tuning(world)), exist_ok=True)
+            outputs.write_json(s.tuning(world), [prompts[i] for i in split_halves(prompts)[0]])
+        for part in set(args.parts) - {"D"} - ({"E"} if world not in BUDGETS else set()):
             jobs += [(seed_job, s, world, part, seed) for seed in SEEDS[part]
                      if args.seeds is None or seed in args.seeds]
     try:

@@ -52,7 +52,7 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     worlds = tmp_path / "worlds"
     toy.build(str(worlds / "gamble"), size="tiny", seed=0, variant="gamble")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tail, "SEEDS", {"A": range(2), "B": range(1), "C": range(1)})
+    monkeypatch.setattr(tail, "SEEDS", {"A": range(2), "B": range(1), "C": range(1), "E": range(2)})
     monkeypatch.setattr(tail, "WORLDS", {"gamble": {"level": 0.05, "samples": 2}})
     monkeypatch.setattr(tail, "DRAWS", 50)
     monkeypatch.setattr(tail, "DOSE", {k: tail.DOSE[k] for k in ("cvar_0.25", "erm_1")})
@@ -104,9 +104,31 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     assert row["through_training"]["1"] == pytest.approx(np.mean([probs[r, t, v].item() for r, t, v in states]),
                                                          rel=1e-4)
     assert row["through_training"]["1"] != pytest.approx(row["through_training"]["0"], rel=1e-3)
+    # Part E: the dual loops measure half A only, and the raw file records their lambdas
+    monkeypatch.setattr(tail, "BUDGETS", {"gamble": 12.0})
+    monkeypatch.setattr(tail, "ITERATIONS", 2)
+    monkeypatch.setattr(tail, "CAID_PAIRS", 1)
+    monkeypatch.setattr(tail, "DUAL", ["--iterations", "2", "--lambda_init", "5", "--dual_lr", "10", "--constraint",
+                                       "cvar_cost_0.05"])
+    assert tail.main([*argv, "--parts", "E", "--seeds", "0"]) == 0
+    assert tail.main([*argv, "--collect", "--parts", "E"]) == 0
+    assert not os.path.exists(tmp_path / tail.RAW / "gamble-E.npz")  # seed 1 not run
+    monkeypatch.setattr(tail, "SEEDS", {**tail.SEEDS, "E": range(1)})
+    assert tail.main([*argv, "--collect", "--parts", "E"]) == 0
+    raw_e = tail.load_raw("gamble", "E")
+    with open(tmp_path / "runs" / "gamble" / "tuning_prompts.json") as f:
+        tuning = json.load(f)
+    assert [p["prompt"] for p in tuning] == [raw_e["meta"]["prompts"][i]["prompt"] for i in raw_e["meta"]["half_a"]]
+    for loop in tail.LOOPS:
+        with open(tmp_path / "runs" / "gamble" / "seed0" / loop / "iter-0" / "eval" / "generations.jsonl") as f:
+            assert {json.loads(line)["prompt"] for line in f} == {p["prompt"] for p in tuning}
+        trace = tail.loop_trace(str(tmp_path / "runs" / "gamble" / "seed0" / loop))
+        assert raw_e["meta"]["loops"][loop] == [[[r["lambda"], r["constraint"]] for r in trace]]
+        assert trace[1]["lambda"] == max(0, 5 + 10 * (trace[0]["constraint"] - 12.0))
     assert tail.main([*argv, "--report"]) == 0
     with open(tmp_path / tail.REPORT) as f:
         first = f.read()
+    assert "### Part E (the budget comparison; 1 seed(s)" in first
     assert "not yet run" not in first and "### Part D (the mechanism)" in first and "Through training" in first
     assert "## gamble" in first and "| gamble | rsa_cvar_0.5 - tdpo |" in first
     assert "Holm over the family of 2;" in first
@@ -125,3 +147,28 @@ def test_common_levels_are_the_range_every_curve_reaches():
     curves["tdpo"] = [1.0] * 5
     on_a = np.array([curves[n.rsplit("_b", 1)[0]][tail.BETAS.index(float(n.rsplit("_b", 1)[1]))] for n in names])
     assert tail.common_levels({"on_a": on_a, "grid": tail.BETAS}, {"meta": {"policies": names}}) is None
+
+
+def test_clopper_pearson_against_the_beta_quantiles():
+    """The exact interval's ends are the Beta(k, n - k + 1) quantile at 0.025 and the Beta(k + 1, n - k) quantile at
+    0.975: checked by integrating those densities numerically, and against the closed forms at k = 0 and k = n."""
+    grid = np.linspace(0, 1, 400_001)
+
+    def beta_cdf(x, a, b):
+        density = grid ** (a - 1) * (1 - grid) ** (b - 1)
+        keep = grid <= x
+        return np.trapezoid(density[keep], grid[keep]) / np.trapezoid(density, grid)
+
+    for k, n in ((2, 5), (3, 10), (1, 4)):
+        lower, upper = tail.clopper_pearson(k, n)
+        assert beta_cdf(lower, k, n - k + 1) == pytest.approx(0.025, abs=2e-4)
+        assert beta_cdf(upper, k + 1, n - k) == pytest.approx(0.975, abs=2e-4)
+    assert tail.clopper_pearson(0, 5) == pytest.approx((0.0, 1 - 0.025 ** (1 / 5)))
+    assert tail.clopper_pearson(5, 5) == pytest.approx((0.025 ** (1 / 5), 1.0))
+
+
+def test_choose_takes_the_most_helpful_within_the_budget_else_the_safest():
+    tail_a = np.array([[5.0, 9.0, 11.0], [12.0, 13.0, 14.0]])
+    reward_a = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    assert tail.choose(tail_a, reward_a, 10.0, [0, 1, 2]) == [(1, True), (0, False)]
+    assert tail.choose(tail_a, reward_a, 10.0, [0, 2]) == [(0, True), (0, False)]
