@@ -41,8 +41,8 @@ study: $(STAMP)
 	$(PY) -m studies.matched --out runs/study --jobs 2
 
 study-tail: $(STAMP)
-	$(PY) -m studies.tail --parts A B C D --jobs 2
-	$(PY) -m studies.tail --collect --parts A B C
+	$(PY) -m studies.tail --parts A B C E D --jobs 2
+	$(PY) -m studies.tail --collect --parts A B C E
 	$(PY) -m studies.tail --report
 
 theory: $(STAMP)

@@ -8,9 +8,11 @@ any run); this file runs it.
 
 Part A (20 seeds): per world and seed one shared pi_r (the expectation's reward stage, beta_r 0.1), then the safety
 stage with DPO (SACPO), the expectation (TDPO) and CVaR 0.5 (RSA) at each beta_s of BETAS. Part B (seeds 0-4): the
-dose-response losses of DOSE from the same pi_r. Part C (seeds 0-4): the reward stage alone, REWARD x BETAS_R. Each
-stage and each evaluation is a resumable output of its own under --out/<world>/seed<k>/; a killed study restarts
-where it stopped. The report reads only the committed raw results, so it rebuilds byte for byte.
+dose-response losses of DOSE from the same pi_r. Part C (seeds 0-4): the reward stage alone, REWARD x BETAS_R. Part
+D: the mechanism, read from the stages of A to C. Part E (seeds 0-4, the worlds of BUDGETS): a budget on the tail met
+four ways, chosen on half A of the evaluation prompts. Each stage and each evaluation is a resumable output of its
+own under --out/<world>/seed<k>/; a killed study restarts where it stopped. The report reads only the committed raw
+results, so it rebuilds byte for byte.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def seed_job(s, world, part, seed):
     def stage_flags(beta, loss, mechanism_beta):  # Part D's stages of Parts B and C keep their checkpoints
         return ["--beta", repr(beta), *flags, *loss, *(KEPT if part in "BC" and beta == mechanism_beta else [])]
 
-    if part in ("A", "B"):
+    if part in ("A", "B", "E"):
         trained(train_reward_stage, pi_r, ["--sft", sft, "--beta", repr(BETA_R), *flags, *REWARD_STAGE])
     if part == "A":
         s.evaluated(world, sft, "sft", seed)
