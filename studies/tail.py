@@ -261,7 +261,7 @@ def policy_at(folder, checkpoint=None):
         model = stage.add_lora(stage.training_base(args.sft, args.revision, args, runtime), args)
     if checkpoint is not None:
         weights = load_file(os.path.join(checkpoint, "trainable.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if unexpected or trainable - set(weights):
             raise RuntimeError(f"{checkpoint}: its weights are not {folder}'s trainable parameters")
@@ -707,9 +707,9 @@ def choose(tail, reward, budget, candidates):
 
 
 def part_e(world):
-    raw = load_raw(world, "E")
     if world not in BUDGETS:
         return []
+    raw = load_raw(world, "E")
     if raw is None:
         return ["### Part E (the budget comparison): not yet run", ""]
     meta, level = raw["meta"], WORLDS[world]["level"]
