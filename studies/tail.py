@@ -218,8 +218,7 @@ def severe_push(model, reference_logits, batch, states, config):
 
     import risk
 
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logits = policy_logits(model, batch)
     ids, mask = batch["input_ids"][:, 1:], batch["response_mask"][:, 1:]
     n = ids.shape[0] // 2
     parts = []
@@ -240,8 +239,26 @@ def severe_push(model, reference_logits, batch, states, config):
                                       config.loss)[0]
         (grad,) = torch.autograd.grad(losses.sum(), leaf)  # each pair's push on its own states
         parts.append(float(np.mean([-grad[r, t, v].item() for r, t, v in states])))
+    return parts[0], parts[1], p_severe(logits, states)
+
+
+def policy_logits(model, batch):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def p_severe(logits, states):
+    """The mean probability of the severe token at the states (row, position, token id)."""
+    import torch
+
     probs = torch.softmax(logits, -1)
-    return parts[0], parts[1], float(np.mean([probs[r, t, v].item() for r, t, v in states]))
+    return float(np.mean([probs[r, t, v].item() for r, t, v in states]))
+
+
+def checkpoint_step(checkpoint):
+    return int(os.path.basename(checkpoint).removeprefix("step-"))
 
 
 def policy_at(folder, checkpoint=None):
@@ -270,17 +287,8 @@ def policy_at(folder, checkpoint=None):
 
 def trajectory(folder, batch, states):
     """{step: P(severe) at the states} at the stage's start (0) and at each kept checkpoint."""
-    import torch
-
-    points = {0: None, **{int(os.path.basename(c)[5:]): c for c in outputs.complete_checkpoints(folder)}}
-    out = {}
-    for step, checkpoint in points.items():
-        with torch.no_grad():
-            logits = policy_at(folder, checkpoint)(input_ids=batch["input_ids"],
-                                                   attention_mask=batch["attention_mask"]).logits.float()
-        probs = torch.softmax(logits, -1)
-        out[step] = float(np.mean([probs[r, t, v].item() for r, t, v in states]))
-    return out
+    points = {0: None, **{checkpoint_step(c): c for c in outputs.complete_checkpoints(folder)}}
+    return {step: p_severe(policy_logits(policy_at(folder, c), batch), states) for step, c in points.items()}
 
 
 def mechanism(s, world, seeds=range(5)):
@@ -288,7 +296,6 @@ def mechanism(s, world, seeds=range(5)):
     C (beta_r BETA_R, helpfulness pairs, from the SFT model), at the stage's start (its reference) and at the loss's
     own trained stage, the push on the severe logit and P(severe), per seed; the stages not yet trained are left
     out. Written to docs/study/raw/<world>-D.json."""
-    import torch
 
     import stage
 
@@ -303,9 +310,7 @@ def mechanism(s, world, seeds=range(5)):
             if not os.path.exists(start_folder):
                 continue
             start_model = stage.load_policy(start_folder).eval()
-            with torch.no_grad():
-                reference = start_model(input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"]).logits.float()
+            reference = policy_logits(start_model, batch)
             for name, flags in losses.items():
                 beta = MECHANISM_BETA if kind == "safety" else BETA_R
                 folder = f"{base}/{name}_b{beta:g}" if kind == "safety" else f"{base}/reward_{name}_br{beta:g}"
@@ -318,7 +323,7 @@ def mechanism(s, world, seeds=range(5)):
                 kept = outputs.complete_checkpoints(folder)
                 if kept:  # P(severe) through training, and the push after the first checkpoint's steps
                     row["through_training"] = {**trajectory(folder, batch, states), s.steps: end[2]}
-                    row["early"] = [int(os.path.basename(kept[0])[5:]),
+                    row["early"] = [checkpoint_step(kept[0]),
                                     *severe_push(policy_at(folder, kept[0]), reference, batch, states, config)]
                 rows.append(row)
     out = {"world": world, "states": counts, "pairs": MECHANISM_PAIRS, "beta_s": MECHANISM_BETA, "beta_r": BETA_R,
@@ -733,17 +738,17 @@ def part_e(world):
     for c, loop in zip("cd", LOOPS):  # a stepwise iterate at lambda 0 is pi_r: no training
         trainings[f"({c}) dual loop, {loop}"] = np.mean([sum(1 for lam, _ in t if loop == "caid" or lam > 0)
                                                          for t in meta["loops"][loop]])
-    tail_name_ = tail_name(world)
+    outcome = tail_name(world)
     lines = [f"### Part E (the budget comparison; {n} seed(s), exploratory)", "",
-             f"The budget: {tail_name_} <= {budget:g}, for {BUDGET_METHOD}. Each approach picks per seed, on half A, "
+             f"The budget: {outcome} <= {budget:g}, for {BUDGET_METHOD}. Each approach picks per seed, on half A, "
              "the highest benign reward among its candidates within the budget (else its smallest tail); reported "
              "on half B. (a) the stages at each beta_s; (b) those, pi_r and their mixtures with pi_r at q "
              f"{', '.join(map(str, QS))}; (c) and (d) the dual loops' iterates ({ITERATIONS} iterations from lambda "
              "5, dual steps on half A). Met: seeds within the budget, with the exact (Clopper-Pearson) 95 % "
              "interval of the rate; values with 95 % bootstrap intervals (seeds and prompts); the difference from "
              "(a), paired.", "",
-             f"| approach | met on half A | met on half B [95 %] | {tail_name_} | benign reward | over-refusal | "
-             f"{tail_name_} - (a) | benign reward - (a) | trainings / seed | candidates |",
+             f"| approach | met on half A | met on half B [95 %] | {outcome} | benign reward | over-refusal | "
+             f"{outcome} - (a) | benign reward - (a) | trainings / seed | candidates |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     first = next(iter(ways))
     for w in ways:
@@ -853,6 +858,8 @@ def run(args):
         return
     jobs = []
     for world in args.worlds:
+        if "E" in args.parts and world not in BUDGETS:
+            print(f"[tail] part E: not run in {world} (no budget there; docs/study/plan.md, amendment 2)")
         if not os.path.exists(os.path.join(s.world(world), "world.json")):
             toy.build(s.world(world), "full", 0, variant=world)
         if "E" in args.parts and world in BUDGETS:

@@ -101,6 +101,7 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     with torch.no_grad():
         probs = torch.softmax(stage.load_policy(one)(input_ids=batch["input_ids"],
                                                      attention_mask=batch["attention_mask"]).logits, -1)
+    # computed here by hand, not by tail.p_severe
     assert row["through_training"]["1"] == pytest.approx(np.mean([probs[r, t, v].item() for r, t, v in states]),
                                                          rel=1e-4)
     assert row["through_training"]["1"] != pytest.approx(row["through_training"]["0"], rel=1e-3)
