@@ -50,6 +50,7 @@ import sys
 import torch
 
 import evaluate
+import merge_policies
 import outputs
 import stage
 import train_reward_stage
@@ -172,7 +173,7 @@ def sample_scored(model_path, prompts, n, args, seed, desc):
     prompt-major. The model is freed before the scorer loads."""
     device = evaluate.resolve_device("auto")
     dtype = stage.resolve_dtype("auto", device)
-    model = stage.load_policy(model_path, dtype=dtype).to(device)
+    model = merge_policies.load_policy(model_path, dtype=dtype).to(device)
     responses = evaluate.sample_responses(model, stage.load_tokenizer(model_path), prompts, n, args.max_new_tokens,
                                           seed=seed, desc=desc)
     del model
@@ -276,6 +277,15 @@ def warm_start(args, reference, beta, prompts):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+def continue_flags(out):
+    """For scripts that drive a stage again after a kill: --resume when <out>.tmp has a checkpoint, --overwrite when
+    it was stopped before its first one, nothing when there is no unfinished run."""
+    work = out.rstrip("/") + ".tmp"
+    if os.path.exists(out) or not os.path.exists(work):
+        return []
+    return ["--resume"] if outputs.latest_checkpoint(work) else ["--overwrite"]
+
+
 def stage_or_fail(main, argv, what):
     if main(argv) != 0:
         raise UsageError(f"{what} failed (its error is above)")
@@ -289,7 +299,7 @@ def stepwise_step(k, lam, folder, loop):
     policy, beta = os.path.join(folder, "policy"), loop["beta"] / lam
     stage_or_fail(train_safety_stage.main, ["--reward_stage", args.reward_stage, "--data", args.data, "--out", policy,
                                             "--beta", repr(beta), "--seed", str(args.seed), *loop["stage_flags"],
-                                            *outputs.continue_flags(policy)], f"the safety stage of iteration {k}")
+                                            *continue_flags(policy)], f"the safety stage of iteration {k}")
     return policy, beta, {}
 
 
@@ -312,7 +322,7 @@ def caid_step(k, lam, folder, loop):
     loss = [] if given(loop["stage_flags"], "--loss") else ["--loss", "dpo"]
     stage_or_fail(train_reward_stage.main, ["--sft", args.sft, "--data", pseudo_file, "--out", policy, "--seed",
                                             str(args.seed), *loss, *loop["stage_flags"],
-                                            *outputs.continue_flags(policy)], f"the policy step of iteration {k}")
+                                            *continue_flags(policy)], f"the policy step of iteration {k}")
     return policy, loop["beta"], {"pseudo_preferences": counts["pairs"], "pairs_left_out": counts["left_out"]}
 
 

@@ -601,7 +601,7 @@ def run(args):
     kl_ref = kl_examples = None
     for name, folder in zip(names, args.policies):  # generate (and the KL) policy by policy; score after all
         print(f"[eval] {name}: {len(prompts)} prompts x {args.num_samples} samples", flush=True)
-        model = stage.load_policy(folder, args.trust_remote_code, dtype).to(device)
+        model = merge_policies.load_policy(folder, args.trust_remote_code, dtype).to(device)
         tok = stage.load_tokenizer(folder)
         if name == names[0]:
             longest = max(len(tok(p["prompt"])["input_ids"]) for p in prompts)
@@ -617,7 +617,7 @@ def run(args):
         res = {"policy": name, "q": policy_q(folder)}
         if args.kl_pairs:
             if kl_ref is None:
-                kl_ref = stage.load_policy(args.kl_reference or args.policies[names.index(baseline)],
+                kl_ref = merge_policies.load_policy(args.kl_reference or args.policies[names.index(baseline)],
                                            args.trust_remote_code, dtype).to(device)
                 pairs = data.load_pairs(args.kl_pairs, "better")
                 kl_examples = data.tokenize_pairs(pairs[:256], tok, source=args.kl_pairs)

@@ -80,6 +80,20 @@ def concat_adapters(parts):
     return out
 
 
+def load_policy(folder, trust_remote_code=False, dtype=torch.float32):
+    """A finished stage's (or mixture's) policy: its recorded base with its one LoRA adapter, as stock peft loads it
+    (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)). In fp32 the adapter is merged
+    into the weights (a plain transformers model); on a 16-bit base it stays an fp32 adapter beside them, computed
+    as in training, not folded into 16-bit weights. A plain model folder or hub id loads as it is."""
+    from peft import PeftModel
+
+    if not outputs.is_stage(folder):
+        return stage.load_base_model(folder, trust_remote_code=trust_remote_code, dtype=dtype)
+    path, revision = outputs.base_of(folder)
+    base = stage.load_base_model(path, trust_remote_code, revision=revision, dtype=dtype)
+    model = PeftModel.from_pretrained(base, folder, torch_device="cpu")  # peft would pick GPU 0 by itself
+    return model.merge_and_unload() if dtype == torch.float32 else model.eval()
+
 
 def parent(path):
     """(description, (base, revision), LoRA blocks or None): a stage output is its base plus its adapter;
@@ -117,14 +131,14 @@ def write_adapter_mixture(tmp, folder, blocks, base, note, q, tokenizer, merged,
     with open(os.path.join(tmp, outputs.COMPLETE_FILE), "w") as f:  # written last: the completeness marker
         json.dump({"q": q}, f)
     if merged:  # the full model, for serving: the base plus this adapter, merged in fp32, saved in `dtype`
-        outputs.save_model(stage.load_policy(tmp).to(dtype), os.path.join(tmp, "merged"))
+        outputs.save_model(load_policy(tmp).to(dtype), os.path.join(tmp, "merged"))
         tokenizer.save_pretrained(os.path.join(tmp, "merged"))
     return cfg
 
 
 def write_full_mixture(tmp, args, second_model, q, tokenizer, note, dtype):
     """Weight by weight into a fresh copy of the first model (two model copies in memory at most)."""
-    first_model = stage.load_policy(args.first, args.trust_remote_code)
+    first_model = load_policy(args.first, args.trust_remote_code)
     sa, sb = first_model.state_dict(), second_model.state_dict()
     if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
         diff = sorted(k for k in set(sa) | set(sb) if k not in sa or k not in sb or sa[k].shape != sb[k].shape)
@@ -193,7 +207,7 @@ def run(args):
         return
     tokenizer = stage.load_tokenizer(args.second if outputs.is_stage(args.second) else args.first)
     dtype = stage.DTYPES[args.dtype]  # what is saved; the mixing itself is fp32
-    second_model = None if adapters else stage.load_policy(args.second, args.trust_remote_code)
+    second_model = None if adapters else load_policy(args.second, args.trust_remote_code)
     for q in todo:
         folder = os.path.join(args.out, f"q{q:g}")
         tmp = folder + ".tmp"

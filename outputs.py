@@ -4,7 +4,8 @@
     Sec. 2  LoRA adapters as data    model_adapter, write_adapter (merge_policies.py reads and mixes them)
     Sec. 3  flags and one writer     add_flags, config_values, run_config, check_output, output_lock
     Sec. 4  checkpoints and resume   save_checkpoint, start_or_resume (past a damaged checkpoint to the one before)
-    Sec. 5  the final output         publish (atomic), write_model_card, Reporter (metrics.jsonl, TensorBoard, wandb)
+    Sec. 5  the final output         publish (atomic), write_model_card (assets/model_card.md), Reporter (metrics.jsonl,
+                                     TensorBoard, wandb)
 
 An output folder holds one LoRA adapter that stock peft loads on the recorded base, the tokenizer, a model card,
 rsa_config.json (the run config) and complete.json, written last. Nothing here knows the loss.
@@ -479,15 +480,6 @@ def latest_checkpoint(work):
     return done[-1] if done else None
 
 
-def continue_flags(out):
-    """For scripts that drive a stage again after a kill: --resume when <out>.tmp has a checkpoint, --overwrite when
-    it was stopped before its first one, nothing when there is no unfinished run."""
-    work = out.rstrip("/") + ".tmp"
-    if os.path.exists(out) or not os.path.exists(work):
-        return []
-    return ["--resume"] if latest_checkpoint(work) else ["--overwrite"]
-
-
 def load_checkpoint(path, model, opt, sched, cfg, runtime):
     from safetensors.torch import load_file
 
@@ -563,9 +555,10 @@ def start_or_resume(model, opt, sched, args, cfg, runtime, work):
 # ---------------------------------------------------------------------------------------------- 5. the final output
 
 
-CITATIONS = """- RSA: Risk-aware Stepwise Alignment, arXiv 2512.24263
-- Ra-DPO: Risk-aware Direct Preference Optimization under nested risk measures, arXiv 2505.20359
-- SACPO: Stepwise Alignment for Constrained Language Model Policy Optimization, arXiv 2404.11049"""
+# The model card's text, with {what}, {base_model}, {table} and {held} to fill in.
+MODEL_CARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "model_card.md")
+CARD_TITLES = {"reward": "RSA stage 1, the reward (helpfulness) stage",
+               "safety": "RSA stage 2, the safety (harmlessness) stage", "mixture": "an RSA(P) mixture of two policies"}
 CARD_ROWS = {"mixture": [("q (weight of the first policy)", "q"), ("first", "first"), ("second", "second"),
                          ("update", "meaning")],
              "stage": [("loss", "loss"), ("risk measure", "risk_measure"), ("risk level", "risk_level"),
@@ -576,46 +569,17 @@ CARD_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "k
 
 
 def write_model_card(folder, cfg, metrics=None):
-    """README.md of an output folder: what it is, how it was made, its held-out metrics, how to load it."""
-    what = {"reward": "RSA stage 1, the reward (helpfulness) stage", "safety": "RSA stage 2, the safety "
-            "(harmlessness) stage", "mixture": "an RSA(P) mixture of two policies"}[cfg["stage"]]
+    """README.md of an output folder (assets/model_card.md): what it is, how it was made, its held-out metrics, how
+    to load it."""
     values = {**cfg.get("args", {}), **cfg}
     rows = [("base model", cfg["base_model"]), ("stage order", cfg.get("order"))] + [
         (name, values.get(key)) for name, key in CARD_ROWS["mixture" if cfg["stage"] == "mixture" else "stage"]]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
     held = "".join(f"| {k} | {metrics[k]:.4f} |\n" for k in CARD_METRICS if k in (metrics or {}))
-    held = f"\n## Final held-out metrics\n\n| metric | value |\n|---|---|\n{held}" if held else ""
-    text = f"""---
-library_name: peft
-base_model: {cfg["base_model"]}
-tags: [rsa, ra-dpo, safety-alignment, lora]
----
-
-# {what}
-
-One LoRA adapter on the base model below; its update is the whole policy's change from that base (a safety stage's
-adapter holds stage 1's update and its own, concatenated in rank). Made by the RSA reference implementation.
-
-| | |
-|---|---|
-{table}
-{held}
-## Load it
-
-```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")  # loads the base recorded below
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-```
-
-The base, {cfg["base_model"]} (a local path is relative to this folder), is recorded in adapter_config.json.
-
-## Cite
-
-{CITATIONS}
-"""
+    with open(MODEL_CARD, encoding="utf-8") as f:
+        text = f.read().format(
+            what=CARD_TITLES[cfg["stage"]], base_model=cfg["base_model"],
+            table="\n".join(f"| {k} | {v} |" for k, v in rows if v is not None),
+            held=f"\n## Final held-out metrics\n\n| metric | value |\n|---|---|\n{held}" if held else "")
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(text)
 

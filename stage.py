@@ -1,6 +1,6 @@
 """The machinery both RSA stages share: models, the flags, one batch of the Ra-DPO loss, and the training loop.
 
-    Sec. 1  models        load_base_model, load_tokenizer, load_policy, add_lora
+    Sec. 1  models        load_base_model, load_tokenizer, add_lora
     Sec. 2  flags         add_shared_flags, parse_args (with --config), LossConfig
     Sec. 3  one batch     batch_terms, batch_loss (the TRL metric names), evaluate_pairs
     Sec. 4  the loop      Runtime (device, precision, processes), one_update, memory_plan, train
@@ -46,17 +46,14 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # ------------------------------------------------------------------------------------------------------ 1. models
 
 
-def native_bf16():
-    """bf16 in hardware (Ampere and newer), not merely representable: V100 and T4 emulate it, several times slower."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
 def resolve_precision(spec, device):
-    """auto: bf16 autocast on a GPU that has bf16 in hardware, fp16 with a gradient scaler on one that does not
-    (T4, V100), fp32 on the CPU."""
+    """auto: bf16 autocast on a GPU that has bf16 in hardware (Ampere and newer; V100 and T4 only emulate it, several
+    times slower), fp16 with a gradient scaler on one that does not, fp32 on the CPU."""
     if spec != "auto":
         return spec
-    return ("bf16" if native_bf16() else "fp16") if device.type == "cuda" else "fp32"
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def resolve_dtype(spec, device, precision="auto"):
@@ -136,21 +133,6 @@ def load_tokenizer(path, trust_remote_code=False, revision=None):
     return tokenizer
 
 
-def load_policy(folder, trust_remote_code=False, dtype=torch.float32):
-    """A finished stage's (or mixture's) policy: its recorded base with its one LoRA adapter, as stock peft loads it
-    (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)). In fp32 the adapter is merged
-    into the weights (a plain transformers model); on a 16-bit base it stays an fp32 adapter beside them, computed
-    as in training, not folded into 16-bit weights. A plain model folder or hub id loads as it is."""
-    from peft import PeftModel
-
-    if not outputs.is_stage(folder):
-        return load_base_model(folder, trust_remote_code=trust_remote_code, dtype=dtype)
-    path, revision = outputs.base_of(folder)
-    base = load_base_model(path, trust_remote_code, revision=revision, dtype=dtype)
-    model = PeftModel.from_pretrained(base, folder, torch_device="cpu")  # peft would pick GPU 0 by itself
-    return model.merge_and_unload() if dtype == torch.float32 else model.eval()
-
-
 def lora_config(args):
     from peft import LoraConfig
 
@@ -181,12 +163,6 @@ def add_lora(model, args):
         return get_peft_model(prepare_base(model, args), lora_config(args))
     except ValueError as e:
         raise UsageError(f"--lora_target_modules {args.lora_target_modules}: {e}") from None
-
-
-def freeze_adapter(model, name):
-    for n, p in model.named_parameters():
-        if f".{name}." in n:
-            p.requires_grad_(False)
 
 
 def backbone_and_head(model):
@@ -336,24 +312,12 @@ class LossConfig:
 # --------------------------------------------------------------------------------------------------- 3. one batch
 
 
-class AdapterOff:
-    """A reference that is the model under the trained adapter: the same weights with that adapter switched off (the
-    SFT model in the reward stage). train_safety_stage.RewardStagePolicy is the other one. `weights(model)` is a
-    context for the reference forward; `head(head)` its output projection."""
-
-    def weights(self, model):
-        return model.disable_adapter()
-
-    def head(self, head):
-        return getattr(head, "base_layer", head)  # with LoRA on the head: its frozen base layer
-
-
-SFT_REFERENCE = AdapterOff()
-
-
 @contextlib.contextmanager
-def reference_pass(model, reference=SFT_REFERENCE):
-    """The context of the reference forward: `reference`'s weights, in eval mode (no dropout of any kind), no grad."""
+def reference_pass(model, reference):
+    """The context of the reference forward: `reference`'s weights, in eval mode (no dropout of any kind), no grad.
+    Each stage file defines its reference (train_reward_stage.AdapterOff, train_safety_stage.RewardStagePolicy):
+    `reference.weights(model)`, the context that puts the reference's weights in place, and `reference.head(head)`,
+    its output projection."""
     was_training = model.training
     model.eval()
     try:
@@ -363,7 +327,7 @@ def reference_pass(model, reference=SFT_REFERENCE):
         model.train(was_training)
 
 
-def batch_terms(model, batch, loss_config, reference=SFT_REFERENCE):
+def batch_terms(model, batch, loss_config, reference):
     """Per-sequence (logratio, kl, risk, logps) for a collated batch (chosen rows first), from one policy forward
     and one reference forward."""
     body, head = backbone_and_head(model)
@@ -377,7 +341,7 @@ def batch_terms(model, batch, loss_config, reference=SFT_REFERENCE):
                                split_vocab=loss_config.split_vocab, with_logps=True)
 
 
-def batch_loss(model, batch, loss_config, reference=SFT_REFERENCE):
+def batch_loss(model, batch, loss_config, reference):
     """The loss of a batch and its metrics (the names TRL users know, plus the Ra-DPO paper's rewards), as 0-dim
     device tensors: the loop reads them once per step (one host sync)."""
     logratio, kl, risk_ratio, logps = batch_terms(model, batch, loss_config, reference)
@@ -407,7 +371,7 @@ def batch_loss(model, batch, loss_config, reference=SFT_REFERENCE):
 class PairLoss(torch.nn.Module):
     """batch_loss as a module, so DistributedDataParallel (which hooks a module's forward) can wrap it."""
 
-    def __init__(self, model, loss_config, reference=SFT_REFERENCE):
+    def __init__(self, model, loss_config, reference):
         super().__init__()
         self.model, self.loss_config, self.reference = model, loss_config, reference
 
@@ -649,12 +613,11 @@ def held_out(step, loss_module, examples, args, runtime, log, pad_id):
     return result
 
 
-def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, reference=SFT_REFERENCE,
+def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, reference,
           adapter=outputs.model_adapter):
     """The loop both stages share: AdamW, warm-up then decay, accumulation, clipping, mixed precision, logging,
     held-out evaluation, periodic checkpoints with exact resume, and an atomic final save. `model` is a peft model,
-    `reference` its reference (SFT_REFERENCE: the model without its trained adapter); `adapter(model)` gives the
-    LoRA blocks the output holds."""
+    `reference` its reference (reference_pass); `adapter(model)` gives the LoRA blocks the output holds."""
     work, pad = args.out.rstrip("/") + ".tmp", tokenizer.pad_token_id
     loss_config, total = LossConfig.from_args(args), total_steps(args, len(train_examples), runtime.world)
     params = [p for p in model.parameters() if p.requires_grad]

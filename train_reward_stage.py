@@ -14,7 +14,7 @@ learnt from helpfulness preferences (`better_response_id`) with Ra-DPO, the toke
 sequential KL of TDPO is replaced by a nested risk of the log-ratio D = log pi_sft - log pi (risk.py).
 
 - The policy: a LoRA adapter on the SFT model. The reference: the SFT model itself, that is the same weights with the
-  adapter switched off (stage.AdapterOff), so there is no second copy of the model.
+  adapter switched off (AdapterOff below), so there is no second copy of the model.
 - beta = beta_r (--beta); the loss, measure and level are shared flags (--loss, --risk_measure, --risk_level).
 - Writes (--out): one LoRA adapter on the SFT model (stock peft loads it), the tokenizer, a model card,
   rsa_config.json, metrics.jsonl and complete.json, last. A finished output with the same config is not redone.
@@ -46,6 +46,17 @@ def build_parser():
     return stage.add_shared_flags(p)
 
 
+class AdapterOff:
+    """The reference pi_sft: the policy's own weights with its trained adapter switched off (stage.reference_pass runs
+    it in eval mode, without grad)."""
+
+    def weights(self, model):
+        return model.disable_adapter()
+
+    def head(self, head):
+        return getattr(head, "base_layer", head)  # with LoRA on the head: its frozen base layer
+
+
 def run(args):
     sft = outputs.gguf_folder(args.sft)  # a .gguf file becomes a model folder here, once
     cfg = outputs.run_config(args, "reward", {
@@ -60,7 +71,7 @@ def run(args):
     train_examples, held_out = data.train_and_held_out(args, tokenizer)
     model = stage.add_lora(stage.training_base(sft, args.revision, args, runtime), args)
     stage.train(model if args.load_in_4bit else model.to(runtime.device), tokenizer, args, cfg, train_examples,
-                held_out, runtime, reference=stage.AdapterOff())
+                held_out, runtime, reference=AdapterOff())
 
 
 def main(argv=None):

@@ -36,6 +36,7 @@ import data
 import merge_policies
 import outputs
 import stage
+import train_reward_stage
 from outputs import UsageError
 
 REFERENCE = "reference"  # the name of the frozen reward-stage adapter
@@ -72,7 +73,7 @@ class RewardStagePolicy:
             yield
         finally:
             model.base_model.set_adapter(active)
-            stage.freeze_adapter(model, REFERENCE)  # set_adapter marks the active adapters trainable
+            freeze_adapter(model, REFERENCE)  # set_adapter marks the active adapters trainable
 
     def head(self, head):
         """The output projection of pi_r: with LoRA on the head, its base layer plus stage 1's update."""
@@ -88,6 +89,12 @@ class RewardStagePolicy:
         return reference.requires_grad_(False)
 
 
+def freeze_adapter(model, name):
+    for n, p in model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(False)
+
+
 def stacked_model(args, parent, runtime):
     """pi_r as the SFT base with stage 1 as a frozen adapter (REFERENCE), and a new trainable one ("default")."""
     from peft import PeftModel
@@ -100,7 +107,7 @@ def stacked_model(args, parent, runtime):
     torch.manual_seed(args.seed)
     model.add_adapter("default", stage.lora_config(args))
     model.base_model.set_adapter([REFERENCE, "default"])
-    stage.freeze_adapter(model, REFERENCE)
+    freeze_adapter(model, REFERENCE)
     return model
 
 
@@ -151,7 +158,7 @@ def run(args):
     train_examples, held_out = data.train_and_held_out(args, tokenizer)
     if plain:  # an already helpful model plays pi_r: the new adapter sits directly on it
         model = stage.add_lora(stage.training_base(args.reward_stage, args.revision, args, runtime), args)
-        reference, adapter = stage.AdapterOff(), outputs.model_adapter
+        reference, adapter = train_reward_stage.AdapterOff(), outputs.model_adapter
     else:
         model, reference = stacked_model(args, parent, runtime), RewardStagePolicy()
         reward_update = merge_policies.read_adapter(args.reward_stage)

@@ -145,12 +145,13 @@ def step_setup(pairs, length):
 
 def train_step(config, setup):
     import stage
+    import train_reward_stage
 
     model, batch, opt, _ = setup
     loss_name, _, measure = config.partition("/")
     loss_config = stage.LossConfig(loss=loss_name, measure=measure or None,
                           level={"cvar_radpo": 0.95, "cvar": 0.25, "erm": 2.0}.get(measure))
-    loss, _ = stage.batch_loss(model, batch, loss_config)
+    loss, _ = stage.batch_loss(model, batch, loss_config, train_reward_stage.AdapterOff())
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -244,6 +245,7 @@ def plan_run(config, hidden, layers, folder):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
     import stage
+    import train_reward_stage
 
     before = rss_mb()
     args = argparse.Namespace(**vars(LORA), **PLAN_BATCH, chunk_size=256, grad_accum=1, loss_reduction="mean",
@@ -263,7 +265,8 @@ def plan_run(config, hidden, layers, folder):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    module = stage.PairLoss(model, stage.LossConfig())  # ra_dpo2, cvar_radpo: the stages' default loss
+    # ra_dpo2, cvar_radpo: the stages' default loss
+    module = stage.PairLoss(model, stage.LossConfig(), train_reward_stage.AdapterOff())
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak RSS restarts from here: the plan's probe and the load's transients are not counted
     for step in (1, 2):  # the second step holds AdamW's state too

@@ -99,6 +99,7 @@ def big_model(vocab, device, size):
 def step_speed(vocab, pairs, length, steps, size):
     """tokens/s per loss (median over `steps` after one warm-up) and peak memory against the plan."""
     import stage
+    import train_reward_stage
 
     runtime = stage.Runtime("bf16")
     model, n_params = big_model(vocab, runtime.device, size)
@@ -117,7 +118,7 @@ def step_speed(vocab, pairs, length, steps, size):
                                   gradient_checkpointing=False, grad_accum=1, loss_reduction="mean",
                                   max_grad_norm=1.0, skip_nonfinite=True, out=os.devnull)
         loss_config = stage.LossConfig(loss=loss, measure=measure or None, level=LEVELS.get(measure))
-        module = stage.PairLoss(model, loss_config)
+        module = stage.PairLoss(model, loss_config, train_reward_stage.AdapterOff())
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

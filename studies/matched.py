@@ -91,7 +91,7 @@ class Study:
 
 def trained(script, out, argv):
     """Train (or resume, or reuse) one stage into `out`."""
-    if script.main([*argv, "--out", out, *outputs.continue_flags(out)]) != 0:
+    if script.main([*argv, "--out", out, *dual_alignment.continue_flags(out)]) != 0:
         raise RuntimeError(f"{script.__name__} into {out} failed")
     return out
 

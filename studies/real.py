@@ -30,9 +30,12 @@ import sys
 import torch
 
 import data
+import dual_alignment
 import evaluate
+import merge_policies
 import outputs
 import stage
+import train_reward_stage
 import train_safety_stage
 from demo import readme_table as readme
 from outputs import UsageError
@@ -99,10 +102,10 @@ def mixtures(model_path, run, held_file):
                                    source=held_file)
     model = PeftModel.from_pretrained(stage.load_base_model(model_path), run).to(DEVICE)
     rows = []
+    loss_module = stage.PairLoss(model, stage.LossConfig.from_args(args), train_reward_stage.AdapterOff())
     for q in QS:
         scale_adapter(model, 1 - q)
-        m = stage.evaluate_pairs(stage.PairLoss(model, stage.LossConfig.from_args(args)), examples, args.batch_size,
-                                 tokenizer.pad_token_id, DEVICE)
+        m = stage.evaluate_pairs(loss_module, examples, args.batch_size, tokenizer.pad_token_id, DEVICE)
         rows.append({"q": q, **{k: m[k] for k, _ in CURVES}})
         print(f"[study-real] RSA(P) q = {q:g}: accuracy {m['rewards/accuracies']:.3f}, KL chosen "
               f"{m['kl/chosen']:.3f} / rejected {m['kl/rejected']:.3f}", flush=True)
@@ -121,7 +124,7 @@ def generations(policies, prompts_file, out, max_new_tokens):
     for name, source in policies.items():
         if all(name in r for r in rows):
             continue
-        model, tok = stage.load_policy(source).to(DEVICE).eval(), stage.load_tokenizer(source)
+        model, tok = merge_policies.load_policy(source).to(DEVICE).eval(), stage.load_tokenizer(source)
         outs = evaluate.sample_responses(model, tok, [p["prompt"] for p in prompts], 1, max_new_tokens,
                                          do_sample=False, batch_size=32, desc=f"greedy {name}")
         for r, o in zip(rows, outs):
@@ -205,7 +208,7 @@ def run(args):
         code = train_safety_stage.main([
             "--reward_stage", model, "--data", train_file, "--eval_data", held_file, "--eval_pairs", str(args.heldout),
             "--max_steps", str(args.steps), "--eval_every", str(args.eval_every), "--save_every", str(args.eval_every),
-            "--log_every", "5", *outputs.continue_flags(folder), "--out", folder, *common, *METHODS[name]])
+            "--log_every", "5", *dual_alignment.continue_flags(folder), "--out", folder, *common, *METHODS[name]])
         if code != 0:
             raise UsageError(f"the {name} run failed (its error is above)")
         curves[name] = eval_curves(folder)

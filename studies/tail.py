@@ -29,6 +29,7 @@ import numpy as np
 
 import dual_alignment
 import evaluate
+import merge_policies
 import outputs
 import train_reward_stage
 import train_safety_stage
@@ -309,7 +310,7 @@ def mechanism(s, world, seeds=range(5)):
             start_folder = f"{base}/pi_r" if kind == "safety" else f"{s.world(world)}/sft"
             if not os.path.exists(start_folder):
                 continue
-            start_model = stage.load_policy(start_folder).eval()
+            start_model = merge_policies.load_policy(start_folder).eval()
             reference = policy_logits(start_model, batch)
             for name, flags in losses.items():
                 beta = MECHANISM_BETA if kind == "safety" else BETA_R
@@ -318,7 +319,7 @@ def mechanism(s, world, seeds=range(5)):
                     continue
                 config = loss_config(flags, beta)
                 start = severe_push(start_model, reference, batch, states, config)
-                end = severe_push(stage.load_policy(folder).eval(), reference, batch, states, config)
+                end = severe_push(merge_policies.load_policy(folder).eval(), reference, batch, states, config)
                 row = {"stage": kind, "seed": seed, "loss": name, "start": start, "trained": end}
                 kept = outputs.complete_checkpoints(folder)
                 if kept:  # P(severe) through training, and the push after the first checkpoint's steps

@@ -48,8 +48,8 @@ FLAGS = ["--batch_size", "256", "--lr", "3e-3", "--max_steps", "300", "--max_len
 
 
 def run_stage(script, folder, argv, what):
-    """A stage script into `folder`, continuing it where a killed study left it (outputs.continue_flags)."""
-    if script.main([*argv, "--out", folder, *outputs.continue_flags(folder)]) != 0:
+    """A stage script into `folder`, continuing it where a killed study left it (dual_alignment.continue_flags)."""
+    if script.main([*argv, "--out", folder, *dual_alignment.continue_flags(folder)]) != 0:
         raise outputs.UsageError(f"{what} failed (its error is above)")
 
 
@@ -304,7 +304,7 @@ def stepwise_gaps(world, lambdas=(0.5, 1.0, 2.0, 5.0)):
 def table_reader(world):
     """folder -> the policy's table over the 16 responses (enumerable.policy_table of its loaded model)."""
     tokenizer = stage.load_tokenizer(os.path.join(world, "sft"))
-    return lambda folder: enumerable.policy_table(stage.load_policy(folder), tokenizer)[0]
+    return lambda folder: enumerable.policy_table(merge_policies.load_policy(folder), tokenizer)[0]
 
 
 def wrong_settings(world, out, m):

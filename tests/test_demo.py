@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import evaluate
-import stage
+import merge_policies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ def test_demo_pipeline_in_miniature(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "demo"
     for folder in (out / "reward", out / "safety", out / "mix" / "q0.5", out / "mix" / "q0.9"):
-        model = stage.load_policy(str(folder))
+        model = merge_policies.load_policy(str(folder))
         assert sum(p.numel() for p in model.parameters()) > 0
     results = json.load(open(out / "results.json"))
     assert [r["policy"] for r in results] == ["sft", "reward", "safety", "q0.5", "q0.9"]

@@ -15,6 +15,7 @@ from test_stages import FAST, subset
 
 import dual_alignment
 import evaluate
+import merge_policies
 import outputs
 import stage
 import train_reward_stage
@@ -64,7 +65,7 @@ def test_the_trace_follows_the_dual_update(setup):
     feasible = [r for r in trace if r["meets_budget"]]
     if feasible:
         best = max(feasible, key=lambda r: r["mean_reward"])
-        assert final["iteration"] == best["iteration"] and stage.load_policy(os.path.join(out, "final"))
+        assert final["iteration"] == best["iteration"] and merge_policies.load_policy(os.path.join(out, "final"))
     else:
         assert final["met_budget"] is False and "no iterate met" in final["statement"]
 
@@ -225,7 +226,8 @@ def test_caid_on_the_enumerable_world_trains_to_pi_lambda_and_steps_lambda_towar
         pairs = dual_alignment.read_jsonl(os.path.join(out, f"iter-{record['iteration']}", "pseudo_preferences.jsonl"))
         assert record["pseudo_preferences"] == len(pairs) and len(pairs) + record["pairs_left_out"] == 3 * 1000
         assert record["beta"] == 0.5
-        table, outside = enumerable.policy_table(stage.load_policy(outputs.resolved_path(record["policy"], out)), tok)
+        policy = merge_policies.load_policy(outputs.resolved_path(record["policy"], out))
+        table, outside = enumerable.policy_table(policy, tok)
         optimum = enumerable.dpo_optimum(reference, reward - record["lambda"] * cost, 0.5)
         assert enumerable.kl(optimum, table) < 0.5 * enumerable.kl(optimum, reference), record
         table_cost = (table * cost).sum(-1)

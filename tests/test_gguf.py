@@ -114,18 +114,18 @@ def test_stages_merge_and_evaluate_run_on_a_gguf_policy(tiny_gguf, tmp_path):
     assert tok.decode(example["prompt_ids"]).startswith("<|im_start|>user\nhello 0<|im_end|>")
     assert example["chosen_ids"][-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
 
-    policy = stage.load_policy(out)  # the GGUF base with the safety adapter merged in
-    base = stage.load_policy(outputs.gguf_folder(path))
+    policy = merge_policies.load_policy(out)  # the GGUF base with the safety adapter merged in
+    base = merge_policies.load_policy(outputs.gguf_folder(path))
     delta = {k: policy.state_dict()[k] - v for k, v in base.state_dict().items()}
     assert max(d.abs().max().item() for d in delta.values()) > 0
     assert merge_policies.main(["--first", path, "--second", out, "--q", "0.5", "--out", str(tmp_path / "mix")]) == 0
-    mixed = stage.load_policy(str(tmp_path / "mix" / "q0.5"))
+    mixed = merge_policies.load_policy(str(tmp_path / "mix" / "q0.5"))
     for k, v in mixed.state_dict().items():
         torch.testing.assert_close(v, base.state_dict()[k] + 0.5 * delta[k], atol=1e-6, rtol=0)
 
     from peft import PeftModel  # study_real's in-memory mixtures are merge_policies' weights
 
-    scaled = PeftModel.from_pretrained(stage.load_policy(outputs.gguf_folder(path)), out)
+    scaled = PeftModel.from_pretrained(merge_policies.load_policy(outputs.gguf_folder(path)), out)
     study_real.scale_adapter(scaled, 0.5)
     for k, v in scaled.merge_and_unload().state_dict().items():
         torch.testing.assert_close(v, mixed.state_dict()[k], atol=1e-6, rtol=0)

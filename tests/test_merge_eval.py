@@ -46,12 +46,12 @@ def stock(folder):
 
 def test_mixture_endpoints_and_interpolation(trained):
     ids = torch.randint(3, 40, (2, 12))
-    pi_r, pi_rs = stage.load_policy(trained["reward"]), stage.load_policy(trained["safety"])
+    pi_r, pi_rs = merge_policies.load_policy(trained["reward"]), merge_policies.load_policy(trained["safety"])
     q1, q0 = stock(os.path.join(trained["mix"], "q1")), stock(os.path.join(trained["mix"], "q0"))
     assert torch.allclose(logits(q1, ids), logits(pi_r, ids), atol=1e-5)
     assert torch.allclose(logits(q0, ids), logits(pi_rs, ids), atol=1e-5)
     assert not torch.allclose(logits(q0, ids), logits(q1, ids), atol=1e-3)
-    mixed = stage.load_policy(os.path.join(trained["mix"], "q0.3")).state_dict()
+    mixed = merge_policies.load_policy(os.path.join(trained["mix"], "q0.3")).state_dict()
     sr, ss = pi_r.state_dict(), pi_rs.state_dict()
     for k, v in mixed.items():
         assert torch.allclose(v, 0.3 * sr[k] + 0.7 * ss[k], atol=1e-6), k
@@ -90,7 +90,8 @@ def test_every_output_loads_with_stock_peft_as_the_project_loader_does(trained, 
 
     ids = torch.randint(3, 40, (2, 12))
     for folder in (trained["reward"], trained["safety"], os.path.join(trained["mix"], "q0.3")):
-        assert torch.allclose(logits(stock(folder), ids), logits(stage.load_policy(folder), ids), atol=1e-5), folder
+        ours = merge_policies.load_policy(folder)
+        assert torch.allclose(logits(stock(folder), ids), logits(ours, ids), atol=1e-5), folder
         assert "from_pretrained" in open(os.path.join(folder, "README.md")).read()  # the model card
     assert_stock_is_the_trained_policy(trained["safety"])
 
@@ -107,7 +108,7 @@ def test_auto_peft_one_liner_loads_every_output_from_any_working_directory(train
         assert os.path.isabs(json.load(open(os.path.join(folder, "adapter_config.json")))["base_model_name_or_path"])
         assert not os.path.isabs(outputs.read_stage(folder)["base_model"])
         model = AutoPeftModelForCausalLM.from_pretrained(os.path.abspath(folder)).eval()
-        assert torch.allclose(logits(model, ids), logits(stage.load_policy(folder), ids), atol=1e-5), folder
+        assert torch.allclose(logits(model, ids), logits(merge_policies.load_policy(folder), ids), atol=1e-5), folder
 
 
 def assert_stock_is_the_trained_policy(folder):
@@ -172,7 +173,7 @@ def test_merged_writes_a_full_model_to_serve(trained, tmp_path):
                                 out, "--merged", "--dtype", "bfloat16"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "q0.3", "merged"))
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}  # the --dtype asked for
-    want = stage.load_policy(os.path.join(trained["mix"], "q0.3")).state_dict()
+    want = merge_policies.load_policy(os.path.join(trained["mix"], "q0.3")).state_dict()
     for k, v in merged.state_dict().items():  # the base and the merged sum each rounded to bf16 (8 bits): 2^-7
         assert (v.float() - want[k]).abs().max() <= 2 ** -7 * want[k].abs().max(), k
 
@@ -182,16 +183,16 @@ def test_other_mixtures_are_exact_too(trained, tiny_world, tmp_path):
     full models on no common adapter base (P-SACPO's naive merge) are interpolated weight by weight."""
     sft = os.path.join(tiny_world, "sft")
     theta_sft = stage.load_base_model(sft).state_dict()
-    theta_r = stage.load_policy(trained["reward"]).state_dict()
+    theta_r = merge_policies.load_policy(trained["reward"]).state_dict()
     out = str(tmp_path / "sft_mix")
     assert merge_policies.main(["--first", sft, "--second", trained["reward"], "--q", "0.4", "--out", out]) == 0
     assert outputs.read_stage(os.path.join(out, "q0.4"))["mode"] == "adapters"
-    mixed = stage.load_policy(os.path.join(out, "q0.4")).state_dict()
+    mixed = merge_policies.load_policy(os.path.join(out, "q0.4")).state_dict()
     for k, v in mixed.items():
         assert torch.allclose(v, 0.4 * theta_sft[k] + 0.6 * theta_r[k], atol=1e-6), k
     full_r, full_rs = str(tmp_path / "full_r"), str(tmp_path / "full_rs")  # plain model folders, as served
-    stage.load_policy(trained["reward"]).save_pretrained(full_r)
-    pi_rs = stage.load_policy(trained["safety"])
+    merge_policies.load_policy(trained["reward"]).save_pretrained(full_r)
+    pi_rs = merge_policies.load_policy(trained["safety"])
     pi_rs.save_pretrained(full_rs)
     stage.load_tokenizer(trained["reward"]).save_pretrained(full_r)
     out = str(tmp_path / "full_mix")
@@ -339,7 +340,7 @@ def test_sequential_kl_on_pairs_against_full_logits(trained, tiny_world):
 
     tok = stage.load_tokenizer(trained["reward"])
     examples = data.tokenize_pairs(data.load_pairs(os.path.join(tiny_world, "test.jsonl"), "better")[:6], tok)
-    policy, sft = stage.load_policy(trained["reward"]), stage.load_base_model(os.path.join(tiny_world, "sft"))
+    policy, sft = merge_policies.load_policy(trained["reward"]), stage.load_base_model(os.path.join(tiny_world, "sft"))
     got = evaluate.sequential_kl_on_pairs(policy, sft, examples, tok.pad_token_id, batch_size=4)
     batch = data.collate(examples, tok.pad_token_id)
     ids, attn = batch["input_ids"], batch["attention_mask"]

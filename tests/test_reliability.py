@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_stages import FAST, subset
 
+import merge_policies
 import outputs
 import stage
 import train_reward_stage
@@ -179,7 +180,7 @@ def test_stacked_reference_is_the_reward_policy(reference_run, tiny_world):
                 p.add_(0.05 * torch.randn_like(p))
         logratio = stage.batch_terms(model, batch, stage.LossConfig.from_args(args),
                                      train_safety_stage.RewardStagePolicy())[0]
-    pi_r = stage.load_policy(reference_run["out"])
+    pi_r = merge_policies.load_policy(reference_run["out"])
     policy_logps = sequence_logps(model, batch)  # both adapters active again after the reference pass
     assert torch.allclose(logratio, policy_logps - sequence_logps(pi_r, batch), atol=1e-4)
     assert logratio.abs().max() > 1e-3
@@ -216,7 +217,7 @@ def test_stacked_reference_keeps_stage_1_on_the_head_and_has_no_dropout(referenc
         logratio = stage.batch_terms(model, batch, stage.LossConfig(measure=None),
                                      train_safety_stage.RewardStagePolicy())[0]
     assert torch.allclose(logratio, torch.zeros_like(logratio), atol=1e-4)
-    pi_r = stage.load_policy(reward)
+    pi_r = merge_policies.load_policy(reward)
     head_delta = train_safety_stage.RewardStagePolicy().head(stage.backbone_and_head(model)[1]).weight - \
         stage.backbone_and_head(model)[1].base_layer.weight
     assert head_delta.abs().max() > 1e-4  # stage 1 did change the head, and the reference keeps it

@@ -9,6 +9,7 @@ import torch
 from helpers import write_jsonl
 
 import data
+import merge_policies
 import outputs
 import stage
 import train_reward_stage
@@ -80,8 +81,8 @@ def test_safety_stage_reference_is_the_reward_policy(stages, tiny_world):
     examples = data.tokenize_pairs(data.load_pairs(stages["pairs"], "safer")[:32], tok, 48, 24)
     batch = data.collate(examples, tok.pad_token_id)
     n = len(examples)
-    pi_rs = sequence_logps(stage.load_policy(stages["safety"]), batch)[:n]
-    pi_r = sequence_logps(stage.load_policy(stages["reward"]), batch)[:n]
+    pi_rs = sequence_logps(merge_policies.load_policy(stages["safety"]), batch)[:n]
+    pi_r = sequence_logps(merge_policies.load_policy(stages["reward"]), batch)[:n]
     sft = sequence_logps(stage.load_base_model(os.path.join(tiny_world, "sft")), batch)[:n]
     beta_s = cfg["args"]["beta"]
     assert final["rewards/chosen"] == pytest.approx(beta_s * (pi_rs - pi_r).mean().item(), abs=1e-5)
@@ -158,7 +159,7 @@ def test_a_finished_stage_is_recognised_before_any_weights_load(stages, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded for a run that was already complete")
 
-    for name in ("load_base_model", "load_policy", "load_tokenizer"):
+    for name in ("load_base_model", "load_tokenizer"):
         monkeypatch.setattr(stage, name, no_loading)
     argv = ["--data", stages["pairs"], "--eval_data", stages["pairs"], "--eval_pairs", "32", *FAST]
     sft = outputs.base_of(stages["reward"])[0]

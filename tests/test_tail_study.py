@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluate
+import merge_policies
 import stage
 import train_safety_stage
 from studies import tail
@@ -99,7 +100,7 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
                                     "--beta", "0.02", *flags, *tail.DOSE["cvar_0.25"], "--out", one]) == 0
     batch, states = tail.decision_batch(str(worlds / "gamble"), stage.load_tokenizer(one), "safer")
     with torch.no_grad():
-        probs = torch.softmax(stage.load_policy(one)(input_ids=batch["input_ids"],
+        probs = torch.softmax(merge_policies.load_policy(one)(input_ids=batch["input_ids"],
                                                      attention_mask=batch["attention_mask"]).logits, -1)
     # computed here by hand, not by tail.p_severe
     assert row["through_training"]["1"] == pytest.approx(np.mean([probs[r, t, v].item() for r, t, v in states]),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import merge_policies
 import stage
 from studies import theory
 from toy import enumerable
@@ -37,7 +38,8 @@ def test_the_sft_model_is_the_reference_table(world):
     """The stages train a real model; its distribution over the 16 responses of each prompt is the table's (the
     fit is good to KL 1e-3 per prompt and leaves under 1 % of the mass outside the listed responses)."""
     reward, cost, reference = enumerable.load(world)
-    table, outside = enumerable.policy_table(stage.load_policy(f"{world}/sft"), stage.load_tokenizer(f"{world}/sft"))
+    sft = merge_policies.load_policy(f"{world}/sft")
+    table, outside = enumerable.policy_table(sft, stage.load_tokenizer(f"{world}/sft"))
     assert enumerable.kl(reference, table) < 1e-3 and max(outside) < 0.01
     assert (reference[:, enumerable.COSTLY] - 0.02).abs().max() < 1e-12  # the rare branch: 2 % of the reference
 

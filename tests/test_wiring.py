@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_stages import FAST, sequence_logps, subset
 
 import data
+import merge_policies
 import outputs
 import risk
 import stage
@@ -50,7 +51,7 @@ def test_safety_stage_trained_against_the_reward_policy(tiny_world, tmp_path_fac
     assert first["step"] == 0 and first["kl/chosen"] == 0.0 and first["rewards/chosen"] == 0.0
     batch = eval_batch(safety, pairs, "safer", 16)
     n = batch["input_ids"].shape[0] // 2
-    pi_r = sequence_logps(stage.load_policy(reward), batch)[:n].mean().item()
+    pi_r = sequence_logps(merge_policies.load_policy(reward), batch)[:n].mean().item()
     sft = sequence_logps(stage.load_base_model(os.path.join(tiny_world, "sft")), batch)[:n].mean().item()
     assert first["logps/chosen"] == pytest.approx(pi_r, abs=1e-4)
     assert abs(pi_r - sft) > 0.05  # the reward stage moved the policy, so the two are told apart
@@ -85,7 +86,7 @@ def test_every_loss_and_measure_through_a_stage(loss, measure, level, pairs, tin
     batch = eval_batch(out, pairs, "better", 8)
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"][:, 1:]
     with torch.no_grad():
-        pol = stage.load_policy(out)(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        pol = merge_policies.load_policy(out)(input_ids=ids, attention_mask=attn).logits[:, :-1]
         ref = stage.load_base_model(os.path.join(tiny_world, "sft"))(input_ids=ids, attention_mask=attn).logits[:, :-1]
     tok = (pol.log_softmax(-1) - ref.log_softmax(-1)).gather(-1, ids[:, 1:, None]).squeeze(-1)
     logratio = torch.where(mask, tok, 0).sum(-1)
@@ -156,7 +157,8 @@ def test_a_bf16_base_trains_fp32_lora_with_an_exact_reference(pairs, tiny_world,
         model = PeftModel.from_pretrained(base, out)
         assert model.get_output_embeddings().weight.dtype == torch.float32  # the head stays fp32
         with torch.no_grad():
-            terms[dtype] = stage.batch_terms(model.eval(), batch, stage.LossConfig(measure="cvar", level=0.5))[:3]
+            terms[dtype] = stage.batch_terms(model.eval(), batch, stage.LossConfig(measure="cvar", level=0.5),
+                                           train_reward_stage.AdapterOff())[:3]
     for full, half in zip(terms[torch.float32], terms[torch.bfloat16]):
         assert torch.allclose(half, full, rtol=0.02, atol=1e-3)
         assert full.abs().max() > 0.01  # terms that training moved
