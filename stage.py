@@ -37,7 +37,8 @@ RADPO_PARITY = dict(loss="ra_dpo1", risk_measure="cvar_radpo", risk_level=0.95, 
                     max_prompt_length=256)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
+# peft calls transformers' deprecated names (is_gradient_checkpointing; gradient_checkpointing_enable under QLoRA)
+warnings.filterwarnings("ignore", message=".*`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated")
 # peft imports bitsandbytes whenever it is installed; on a CPU its 4-bit kernel loader then warns about an optional
 # kernel package
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
