@@ -654,15 +654,15 @@ def train(model, tokenizer, args, cfg, train_examples, eval_examples, runtime, r
         if step % args.eval_every == 0 and step != total:
             held_out(step, loss_module, eval_examples, args, runtime, log, pad)
         if args.save_every and step % args.save_every == 0 and step != total:
-            outputs.save_checkpoint(work, step, model, opt, sched, cfg, runtime, skipped,
-                                    seconds + time.time() - start, args.save_total_limit)
+            outputs.save_checkpoint(work, step, model, opt, sched, cfg, runtime, skipped=skipped,
+                                    seconds=seconds + time.time() - start, keep=args.save_total_limit)
     final_eval = held_out(total, loss_module, eval_examples, args, runtime, log, pad) or final_eval
     summary = {"steps": total, "seconds": round(seconds + time.time() - start, 1), "nonfinite_skipped": skipped,
                "final_eval": final_eval}
     if runtime.main:
         log.close()
-        outputs.publish(adapter(model), tokenizer, cfg, work, args.out, summary, args.lora_dropout,
-                        args.keep_checkpoints)
+        outputs.publish(adapter(model), tokenizer, cfg, work, args.out, summary, dropout=args.lora_dropout,
+                        keep_checkpoints=args.keep_checkpoints)
         print(f"[train] saved {cfg['stage']} stage to {args.out}"
               + (f" ({skipped} non-finite batches skipped)" if skipped else ""), flush=True)
     runtime.barrier()

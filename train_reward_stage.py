@@ -70,8 +70,8 @@ def run(args):
     tokenizer = stage.load_tokenizer(sft, args.trust_remote_code, args.revision)
     train_examples, held_out = data.train_and_held_out(args, tokenizer)
     model = stage.add_lora(stage.training_base(sft, args.revision, args, runtime), args)
-    stage.train(model if args.load_in_4bit else model.to(runtime.device), tokenizer, args, cfg, train_examples,
-                held_out, runtime, reference=AdapterOff())
+    stage.train(model if args.load_in_4bit else model.to(runtime.device), tokenizer, args, cfg,
+                train_examples=train_examples, eval_examples=held_out, runtime=runtime, reference=AdapterOff())
 
 
 def main(argv=None):

@@ -165,8 +165,9 @@ def run(args):
 
         def adapter(m):  # one adapter on the SFT base: stage 1's update and this stage's, concatenated in rank
             return merge_policies.concat_adapters([(1.0, reward_update), (1.0, outputs.model_adapter(m))])
-    stage.train(model if args.load_in_4bit else model.to(runtime.device), tokenizer, args, cfg, train_examples,
-                held_out, runtime, reference=reference, adapter=adapter)
+    stage.train(model if args.load_in_4bit else model.to(runtime.device), tokenizer, args, cfg,
+                train_examples=train_examples, eval_examples=held_out, runtime=runtime, reference=reference,
+                adapter=adapter)
 
 
 def main(argv=None):
