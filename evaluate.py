@@ -618,7 +618,7 @@ def run(args):
         if args.kl_pairs:
             if kl_ref is None:
                 kl_ref = merge_policies.load_policy(args.kl_reference or args.policies[names.index(baseline)],
-                                           args.trust_remote_code, dtype).to(device)
+                                                    args.trust_remote_code, dtype).to(device)
                 pairs = data.load_pairs(args.kl_pairs, "better")
                 kl_examples = data.tokenize_pairs(pairs[:256], tok, source=args.kl_pairs)
             kl = sequential_kl_on_pairs(model, kl_ref, kl_examples, tok.pad_token_id)

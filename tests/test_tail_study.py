@@ -101,7 +101,7 @@ def test_study_runs_collects_and_reports_byte_for_byte(tmp_path, monkeypatch):
     batch, states = tail.decision_batch(str(worlds / "gamble"), stage.load_tokenizer(one), "safer")
     with torch.no_grad():
         probs = torch.softmax(merge_policies.load_policy(one)(input_ids=batch["input_ids"],
-                                                     attention_mask=batch["attention_mask"]).logits, -1)
+                                                              attention_mask=batch["attention_mask"]).logits, -1)
     # computed here by hand, not by tail.p_severe
     assert row["through_training"]["1"] == pytest.approx(np.mean([probs[r, t, v].item() for r, t, v in states]),
                                                          rel=1e-4)
