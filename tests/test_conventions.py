@@ -105,3 +105,23 @@ def test_trl_preference_formats_load_as_pairs(tmp_path, capsys):
     broken = [explicit[0], {**explicit[0], "rejected": [{"role": "assistant"}]}]
     with pytest.raises(data.DataError, match="row 2: field 'rejected' must be a list of messages"):
         data.load_pairs(write_jsonl(tmp_path / "broken.jsonl", broken))
+
+
+def test_the_model_card_is_hub_front_matter_with_the_run_and_its_held_out_metrics(tmp_path):
+    """README.md of an output (assets/model_card.md filled in): peft's hub front matter naming the base, the stage's
+    settings and lambda, its held-out metrics, nothing left unfilled; a mixture's card names its q and parents."""
+    cfg = {"stage": "safety", "base_model": "../sft", "order": "H->S", "lambda": 10.0, "parent": "../reward",
+           "args": {"loss": "ra_dpo2", "risk_measure": "cvar", "risk_level": 0.5, "beta": 0.01, "preference": "safer"}}
+    outputs.write_model_card(str(tmp_path), cfg, {"loss": 0.5, "kl/chosen": 0.125, "not a card metric": 1.0})
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: ../sft\n")
+    assert "# RSA stage 2, the safety (harmlessness) stage" in card
+    for row in ("| lambda = beta_r / beta_s | 10.0 |", "| risk measure | cvar |",
+                "| parent (reward stage) | ../reward |", "| loss | 0.5000 |", "| kl/chosen | 0.1250 |"):
+        assert row in card, row
+    assert "not a card metric" not in card and "{" not in card and "}" not in card
+    outputs.write_model_card(str(tmp_path), {"stage": "mixture", "base_model": "org/m", "q": 0.25, "first": "a",
+                                             "second": "b", "meaning": "pi_r + 0.75 Delta_s"})
+    card = (tmp_path / "README.md").read_text()
+    assert "| q (weight of the first policy) | 0.25 |" in card and "Final held-out metrics" not in card
+    assert "{" not in card and "}" not in card
